@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def leaky():
+    from lib.models import Activation
+    return Activation(0.1)
+
+
+def make_weights(widths, K=2, seed=0, dtype=torch.float64):
+    from lib.models import init_mlp
+    return init_mlp(widths, [seed + 10 * k for k in range(K)], dtype=dtype)
+
+
+def make_batch(B, d_in, classes, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(B, d_in, generator=gen, dtype=dtype), torch.randint(classes, (B,), generator=gen)
