@@ -51,3 +51,77 @@ def teleport_model(W, opt, X, Y, act, strategy="reset", random_norms=None, gener
             w.copy_(v)
     apply_strategy(opt, W, strategy, tangents[0] if tangents else None)
     return rec
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fit(W, opt, data, act, epochs, batch_size, loss="ce", hook=None, desc="", progress=True):
+    """Train K batched models for `epochs` epochs on data (lib.data.Data) in sequential order.
+    hook(epoch, i) runs before batch i of each epoch (teleports go there, and count as training
+    time). Returns per-epoch curves, each a list over epochs of K values: train_loss (mean batch
+    loss of the epoch), test_loss, test_acc, time_s (cumulative, evaluation excluded); and
+    test_loss_init / test_acc_init before training."""
+    from time import perf_counter
+
+    from tqdm import tqdm
+
+    from lib.models import evaluate
+    dev = W[0].device
+    l0, a0 = evaluate(W, data.x_test, data.y_test, act, loss)
+    hist = {"train_loss": [], "test_loss": [], "test_acc": [], "time_s": [],
+            "test_loss_init": l0.tolist(), "test_acc_init": a0.tolist()}
+    elapsed = 0.0
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        _sync(dev)
+        t0 = perf_counter()
+        tr = train_epoch(W, opt, data.x_train, data.y_train, act, batch_size, loss,
+                         None if hook is None else (lambda i, e=epoch: hook(e, i)))
+        _sync(dev)
+        elapsed += perf_counter() - t0
+        te, acc = evaluate(W, data.x_test, data.y_test, act, loss)
+        for k, v in (("train_loss", tr), ("test_loss", te), ("test_acc", acc)):
+            hist[k].append(v.tolist())
+        hist["time_s"].append(elapsed)
+        bar.set_postfix(train=f"{tr.mean().item():.4f}", test=f"{te.mean().item():.4f}")
+    return hist
+
+
+class TeleportHook:
+    """hook(epoch, i) for `fit`: before each of the first `n_batches` mini-batches of every epoch
+    in `epochs`, teleport the weights on a fresh random batch of `tele_batch_size` training images
+    (and measure the drift on a second one), then treat the optimizer state by `strategy`.
+
+    mode 'teleport': the optimised teleport (teleport_kw: objective, action, steps, lr, ...);
+    'reset-only': no move, only the state strategy at the same moments; 'random': a random group
+    element with the algebra norms of the matching optimised teleport (`random_norms`, a list of
+    (K, n_pairs) tensors in teleport order). The random batches come from `generator`, seeded the
+    same for every arm, so all arms teleport on the same images. `records` collects the records."""
+
+    def __init__(self, W, opt, data, act, epochs, n_batches, tele_batch_size, generator,
+                 strategy="reset", mode="teleport", random_norms=None, **teleport_kw):
+        self.W, self.opt, self.data, self.act = W, opt, data, act
+        self.epochs, self.n_batches, self.size = set(epochs), n_batches, tele_batch_size
+        self.gen, self.strategy, self.mode, self.norms, self.kw = generator, strategy, mode, random_norms, teleport_kw
+        self.records = []
+        self.dir_gen = torch.Generator().manual_seed(generator.initial_seed() + 1)  # keeps batches in step
+        check_strategy(strategy)
+
+    def __call__(self, epoch, i):
+        if epoch not in self.epochs or i >= self.n_batches:
+            return
+        n = self.data.x_train.shape[0]
+        idx = torch.randperm(n, generator=self.gen)[:2 * self.size].to(self.W[0].device)
+        X, Y = self.data.x_train[idx[:self.size]], self.data.y_train[idx[:self.size]]
+        held = (self.data.x_train[idx[self.size:]], self.data.y_train[idx[self.size:]])
+        if self.mode == "reset-only":
+            apply_strategy(self.opt, self.W, self.strategy)
+            self.records.append({"epoch": epoch, "batch": i})
+            return
+        norms = self.norms[len(self.records)] if self.mode == "random" else None
+        rec = teleport_model(self.W, self.opt, X, Y, self.act, self.strategy, random_norms=norms,
+                             generator=self.dir_gen, heldout=held, **self.kw)
+        self.records.append({"epoch": epoch, "batch": i, **rec})
