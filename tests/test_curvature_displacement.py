@@ -1,0 +1,87 @@
+"""Figure 7 (App. E.2): exact distances to the curves of minima and the expected displacement (eq. 65)."""
+import math
+
+import numpy as np
+import pytest
+from scipy.integrate import quad
+from scipy.optimize import minimize_scalar
+
+import curvature_displacement as cd
+from lib.config import UsageError, configure
+from lib.results import load_json
+
+
+def _numeric_min(curve_point, p, lo, hi, n=20001):
+    """min over s of |curve_point(s) - p|: a dense grid, then scipy's bounded Brent around the best."""
+    s = np.linspace(lo, hi, n)
+    pts = curve_point(s)
+    i = np.argmin(np.hypot(pts[0] - p[0], pts[1] - p[1]))
+    h = (hi - lo) / (n - 1)
+    res = minimize_scalar(lambda t: math.hypot(*(np.array(curve_point(t)) - p)), bounds=(s[i] - h, s[i] + h),
+                          method="bounded", options={"xatol": 1e-13})
+    return res.fun
+
+
+@pytest.mark.parametrize("kappa", [1e-4, 0.7, 4.0, 25.0])
+def test_circle_closed_form_distance_matches_numerical_minimiser(kappa):
+    R = 1 / kappa
+    circle = lambda s: (R * np.sin(s), 2 * R * np.sin(s / 2) ** 2)  # noqa: E731  centre (0, R), origin at s = 0
+    rng = np.random.default_rng(0)
+    for p in rng.normal(scale=0.3, size=(6, 2)):
+        half = min(np.pi, 4 * kappa)  # |p| < 2 is within arc length 4 of the origin
+        assert cd.dist_to_circle(p, kappa) == pytest.approx(_numeric_min(circle, p, -half, half), abs=1e-10)
+
+
+@pytest.mark.parametrize("k1", [0.0, 5e-7, 0.3, 2.0, 40.0])
+def test_parabola_distance_matches_numerical_minimiser(k1):
+    rng = np.random.default_rng(1)
+    P = rng.normal(scale=0.5, size=(6, 2))
+    d = cd.dist_to_parabola(P, k1)
+    for p, dp in zip(P, d):
+        assert dp == pytest.approx(_numeric_min(lambda t: (t, k1 * t * t), p, -3, 3), abs=1e-9)
+
+
+@pytest.mark.parametrize("curve", ["parabola", "circle"])
+@pytest.mark.parametrize("kappa", [0.0, 1e-6])
+def test_zero_curvature_gives_two_r_over_pi(curve, kappa):
+    # eq. (66): for a straight line dist = r |sin a|, whose mean over the circle is 2r/pi
+    for r in (0.005, 0.1, 2.0):
+        assert cd.expected_distance(curve, kappa, r, 1000) == pytest.approx(2 * r / math.pi, abs=1e-4 * r)
+
+
+def test_midpoint_rule_matches_scipy_quad():
+    for curve, kappa, r in [("circle", 6.0, 0.1), ("parabola", 9.0, 0.2)]:
+        f = (lambda a: cd.dist_to_circle(r * np.array([np.cos(a), np.sin(a)]), kappa)) if curve == "circle" else \
+            (lambda a: cd.dist_to_parabola(r * np.array([[np.cos(a), np.sin(a)]]), kappa / 2)[0])
+        ref = quad(f, 0, 2 * np.pi, limit=200, epsabs=1e-12)[0] / (2 * np.pi)
+        assert cd.expected_distance(curve, kappa, r, 2000) == pytest.approx(ref, rel=1e-6)
+
+
+def test_known_answers_and_scale_invariance():
+    # circle with kappa r = 1: (1/r) E dist = mean over s in [0, pi] of |2 sin s - 1| = (4 sqrt3 - 4)/pi - 1/3
+    assert cd.expected_distance("circle", 10.0, 0.1, 4000) / 0.1 == pytest.approx((4 * 3 ** 0.5 - 4) / math.pi - 1 / 3, abs=1e-7)
+    # a very sharp parabola is a half-line: r below it, r|cos a| above it -> 1/2 + 1/pi
+    assert cd.expected_distance("parabola", 1e6, 1.0, 4000) == pytest.approx(0.5 + 1 / math.pi, abs=1e-3)
+    # dist(r p, gamma_kappa) = r dist(p, gamma_{kappa r}): (1/r) E dist depends on kappa r only
+    for curve in ("parabola", "circle"):
+        a, b = cd.expected_distance(curve, 12.0, 0.5, 1000) / 0.5, cd.expected_distance(curve, 3.0, 2.0, 1000) / 2.0
+        assert a == pytest.approx(b, rel=1e-10)
+
+
+def test_quick_run_writes_figure_and_json(tmp_path):
+    cfg = configure(vars(cd), ["--quick", f"--out-dir={tmp_path}"], cd._QUICK)
+    panels, checks = cd.main(cfg)
+    assert (tmp_path / "figures/curvature/displacement_vs_curvature.png").stat().st_size > 10000
+    saved = load_json(tmp_path / "results/curvature/displacement.json")
+    assert saved["config"]["N_ANGLES"] == cd._QUICK["N_ANGLES"] and "torch" in saved["environment"]
+    assert checks["kappa0_max_abs_err"] < 1e-4
+    par, circ = np.array(saved["parabola"]["ratio"]), np.array(saved["circle"]["ratio"])
+    assert par.shape == (5, cfg["N_KAPPA"]) and np.all(par[:, -1] > 2 / math.pi)   # rises at large kappa r
+    assert np.all(np.diff(circ[-1]) < 0) and np.all(circ[:, -1] < circ[:, 0])      # falls with kappa
+
+
+def test_bad_input_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="N_ANGLES must be > 0"):
+        cd.main(configure(vars(cd), ["--n-angles=0", f"--out-dir={tmp_path}"]))
+    with pytest.raises(UsageError, match="r must be > 0"):
+        cd.main(configure(vars(cd), ["--circle-rs=[-0.1]", f"--out-dir={tmp_path}"]))
