@@ -63,7 +63,9 @@ class GLAction:
                 new[m] = g @ W[m]
                 right[m + 1] = act(z) @ torch.linalg.pinv(act(g @ z))
             else:
-                new[m] = act.inverse(g @ act(z)) @ torch.linalg.pinv(hs[m])
+                # h_0 = X^T is the same for every model: one pseudo-inverse, broadcast over K
+                h = hs[m][:1] if m == 0 and X.dim() == 2 else hs[m]
+                new[m] = act.inverse(g @ act(z)) @ torch.linalg.pinv(h)
                 right[m + 1] = g_inv
         return [w if r is None else w @ r for w, r in zip(new, right)]
 

@@ -1,0 +1,292 @@
+"""Table 1 and Figures 9-10: sharpness and curvature of minima vs validation loss (Section 4.3,
+Appendix E.3).
+
+Trains N_MODELS MLPs per dataset (seeds (i+1)*54321, one batched model: they share the data
+order), then measures at each final minimum the sharpness phi (eq. 4, with unit-sphere and with
+the authors' positive-orthant directions) and the curvature psi (eq. 5, curves exp(tM).w under
+the action of eq. (54) on all layer pairs), and correlates both with the validation loss
+(Pearson r) and, controlling for the final training loss, by partial correlation.
+
+    python correlation.py                                   # MNIST, FashionMNIST, CIFAR10 in turn
+    python correlation.py --dataset=MNIST --data-dir=../shared/data/mnist5k
+    python correlation.py --dataset=CIFAR10 --device=cuda   # CIFAR-10 is heavy on a CPU
+    python correlation.py --skip-training                   # metrics from the saved weights
+    python correlation.py --plot-only                       # figures and table from the JSONs
+
+Common random numbers: before draw j the generator is reseeded with DRAW_SEED * j (the authors'
+torch.manual_seed(12345 * curve_idx)), so every model sees the same 200-image batch, the same
+directions d and the same Lie-algebra elements M in draw j. This lowers the variance of the
+comparison between models. (The authors reseed the directions and M, but draw their batches from
+one shuffled DataLoader iterator that runs on across models; here the batches are shared too.)
+
+CPU runtime (2 shared cores, OMP_NUM_THREADS=1) and headline numbers: see the README
+("correlation.py" section); on the real 4,000-image MNIST subset the 40 epochs of 100 models
+take about a minute and the metrics a few minutes.
+"""
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from lib.config import UsageError, check_choice, check_positive, run
+from lib.data import DATASETS, check_dataset, load
+from lib.metrics import curvature, random_directions, random_lie_elements, sharpness
+from lib.models import activation, evaluate
+from lib.results import (environment, experiment_dirs, load_json, load_tensors, markdown_table,
+                         save_figure, save_json, save_tensors)
+from lib.train import fit, make_model
+
+# ---- config -------------------------------------------------------------------------------
+DATASET = "all"            # MNIST, FashionMNIST, CIFAR10, or all (the three in turn)
+N_MODELS = 100             # models per dataset; model i is seeded (i + 1) * SEED_BASE
+SEED_BASE = 54321          # the authors' seed multiplier
+EPOCHS = 40                # training epochs (the validation loss is taken after the last)
+BATCH_SIZE = 20            # SGD mini-batch, fixed sequential order
+TRAIN_SIZE = 50000         # training images (seeded subset; all of them when fewer exist)
+ACTIVATION = "leaky_relu"  # leaky_relu (slope 0.1, the paper's) or relu
+N_DRAWS = 200              # draws for phi and psi (each: one batch, 20 directions, one M per pair)
+METRIC_BATCH = 200         # training images per draw
+DRAW_SEED = 12345          # draw j reseeds with DRAW_SEED * j (shared by all models)
+PSI_DTYPE = "float64"      # dtype of the curvature computation (float64 or float32)
+CONTROL = "final"          # training loss controlled for in the partial correlation:
+                           # final (full training set at the final weights) or epoch_mean
+SKIP_TRAINING = False      # load the saved final weights instead of training
+PLOT_ONLY = False          # redraw figures and table from the saved JSONs
+DATA_DIR = "data"          # folder in torchvision's layout
+DEVICE = "cpu"             # cpu, cuda or auto
+OUT_DIR = "."              # figures/correlation/ and results/correlation/ go under it
+PROGRESS = True            # tqdm bars
+# per dataset: widths, SGD learning rate, displacements T = T_START + T_STEP * i, i < T_COUNT
+# (the authors' released settings), and how many models go through a metric pass at once
+PER_DATASET = {
+    "MNIST": dict(widths=[784, 16, 10, 10], lr=0.01, t_start=0.001, t_step=0.01, t_count=20, chunk=100),
+    "FashionMNIST": dict(widths=[784, 16, 10, 10], lr=0.01, t_start=0.0001, t_step=0.001, t_count=20, chunk=100),
+    "CIFAR10": dict(widths=[3072, 128, 32, 10], lr=0.02, t_start=0.0001, t_step=0.001, t_count=20, chunk=10),
+}
+# Table 1 of the paper: Pearson r with the validation loss
+PAPER = {"sharpness": {"MNIST": 0.704, "FashionMNIST": 0.790, "CIFAR10": 0.899},
+         "curvature": {"MNIST": -0.050, "FashionMNIST": -0.232, "CIFAR10": -0.167}}
+# -------------------------------------------------------------------------------------------
+
+_QUICK = dict(DATASET="MNIST", N_MODELS=4, EPOCHS=2, TRAIN_SIZE=200, N_DRAWS=3, METRIC_BATCH=40)
+EXPERIMENT = "correlation"
+METRICS = ("phi_sphere", "phi_orthant", "psi")
+LABELS = {"phi_sphere": "sharpness (sphere)", "phi_orthant": "sharpness (positive orthant)",
+          "psi": "curvature"}
+
+
+def displacements(p):
+    """T = t_start, t_start + t_step, ..., (t_count values): the authors' np.arange grid."""
+    return [p["t_start"] + p["t_step"] * i for i in range(p["t_count"])]
+
+
+def draw(j, data, W, n_t, batch):
+    """Draw j, identical for every model (common random numbers): a batch of `batch` training
+    images, one M per layer pair (entries U[0, 1], unit Frobenius norm: lib's
+    random_lie_elements is exactly the authors' draw), n_t sphere and n_t positive-orthant
+    unit directions (eq. 4; shapes (n_t, out, in), shared by the models)."""
+    gen = torch.Generator().manual_seed(DRAW_SEED * j)
+    idx = torch.randperm(data.x_train.shape[0], generator=gen)[:batch].to(data.x_train.device)
+    Ms = random_lie_elements(W, gen)
+    return (data.x_train[idx], data.y_train[idx], Ms,
+            random_directions(W, n_t, "sphere", gen), random_directions(W, n_t, "positive_orthant", gen))
+
+
+@torch.no_grad()
+def _phi(W, X, Y, act, ts, dirs):
+    return sharpness(W, X, Y, act, ts, dirs)
+
+
+def measure(W, data, act, ts, n_draws, batch, chunk, psi_dtype=torch.float64, progress=False):
+    """phi (eq. 4) with sphere and positive-orthant directions, and psi (eq. 5), per model:
+    the means over n_draws draws of L(w + t_i d_i) over the displacements ts, and of the
+    curvature (eq. 47) of exp(tM).w at t = 0 under eq. (54) on all pairs. Models go through in
+    chunks of `chunk` (all n_t * chunk perturbed models in one forward pass).
+    W: list of (K, out, in). Returns {name: (K,) tensor}."""
+    from tqdm import tqdm
+    K = W[0].shape[0]
+    W = [w.detach() for w in W]
+    Wd = [w.to(psi_dtype) for w in W]
+    sums = {m: torch.zeros(K, dtype=torch.float64) for m in METRICS}
+    for j in tqdm(range(n_draws), desc="phi, psi", disable=not progress, leave=False, dynamic_ncols=True):
+        X, Y, Ms, d_sph, d_pos = draw(j, data, W, len(ts), batch)
+        Ms, Xd = [M.to(psi_dtype) for M in Ms], X.to(psi_dtype)
+        for s in range(0, K, chunk):
+            Wc, sl = [w[s:s + chunk] for w in W], slice(s, s + chunk)
+            sums["phi_sphere"][sl] += _phi(Wc, X, Y, act, ts, d_sph).double().cpu()
+            sums["phi_orthant"][sl] += _phi(Wc, X, Y, act, ts, d_pos).double().cpu()
+            sums["psi"][sl] += curvature([w[sl] for w in Wd], Xd, act, Ms).double().cpu()
+    return {m: v / n_draws for m, v in sums.items()}
+
+
+def partial_corr(x, y, z):
+    """Partial correlation of x and y given z: regress x and y on z (with intercept), Pearson r
+    of the residuals; p-value from Student's t with n - 3 degrees of freedom."""
+    from scipy import stats
+    x, y, z = (np.asarray(a, dtype=float) for a in (x, y, z))
+    A = np.stack([np.ones_like(z), z], 1)
+    rx = x - A @ np.linalg.lstsq(A, x, rcond=None)[0]
+    ry = y - A @ np.linalg.lstsq(A, y, rcond=None)[0]
+    r = float(np.corrcoef(rx, ry)[0, 1])
+    df = len(x) - 3
+    t = r * math.sqrt(df / max(1 - r * r, 1e-300))
+    return r, float(2 * stats.t.sf(abs(t), df))
+
+
+def correlations(res, control):
+    """Pearson r (scipy.stats.pearsonr, with p) of each metric with the validation loss, with
+    the training loss, and the partial r with the validation loss given the training loss."""
+    from scipy.stats import pearsonr
+    val, tr = res["val_loss"], res[f"train_loss_{control}"]
+    out = {}
+    for m in METRICS:
+        r, p = pearsonr(res[m], val)
+        rt, pt = pearsonr(res[m], tr)
+        rp, pp = partial_corr(res[m], val, tr)
+        out[m] = {"r_val": float(r), "p_val": float(p), "r_train": float(rt), "p_train": float(pt),
+                  "partial_r_val": rp, "partial_p_val": pp}
+    r, p = pearsonr(tr, val)
+    out["train_loss"] = {"r_val": float(r), "p_val": float(p)}
+    return out
+
+
+def train(name, cfg, data, act, p, res_dir):
+    """Train the N_MODELS models of `name` as one batched model; save the final weights."""
+    seeds = [(i + 1) * cfg["SEED_BASE"] for i in range(cfg["N_MODELS"])]
+    W, opt = make_model(p["widths"], seeds, "sgd", p["lr"], cfg["DEVICE"])
+    hist = fit(W, opt, data, act, cfg["EPOCHS"], cfg["BATCH_SIZE"], desc=f"{name} train",
+               progress=cfg["PROGRESS"])
+    tr_final, tr_acc = evaluate(W, data.x_train, data.y_train, act)
+    save_tensors(os.path.join(res_dir, f"{name}_weights.pt"), {f"W{j}": w for j, w in enumerate(W)})
+    training = {"seeds": seeds, "history": hist, "train_loss_final": tr_final.tolist(),
+                "train_acc_final": tr_acc.tolist(), "train_time_s": hist["time_s"][-1]}
+    save_json(os.path.join(res_dir, f"{name}_training.json"), training)
+    return [w.detach() for w in W], training
+
+
+def run_dataset(name, cfg, res_dir):
+    p = PER_DATASET[name]
+    act = activation(cfg["ACTIVATION"])
+    data = load(name, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"])
+    n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]
+    print(f"{name}: {n_train} training / {n_test} test images (validation loss on the test images)")
+    wpath = os.path.join(res_dir, f"{name}_weights.pt")
+    if cfg["SKIP_TRAINING"]:
+        if not os.path.exists(wpath):
+            raise UsageError(f"--skip-training: no saved weights at {wpath}; train first")
+        t = load_tensors(wpath, cfg["DEVICE"])
+        W = [t[f"W{j}"] for j in range(len(t))]
+        training = load_json(os.path.join(res_dir, f"{name}_training.json"))
+        if W[0].shape[0] != cfg["N_MODELS"]:
+            raise UsageError(f"--skip-training: saved weights hold {W[0].shape[0]} models, not {cfg['N_MODELS']}")
+    else:
+        W, training = train(name, cfg, data, act, p, res_dir)
+    t0 = time.perf_counter()
+    m = measure(W, data, act, displacements(p), cfg["N_DRAWS"], cfg["METRIC_BATCH"], p["chunk"],
+                getattr(torch, cfg["PSI_DTYPE"]), cfg["PROGRESS"])
+    metric_time = time.perf_counter() - t0
+    hist = training["history"]
+    res = {"dataset": name, "n_train": n_train, "n_test": n_test, "seeds": training["seeds"],
+           "val_loss": hist["test_loss"][-1], "val_acc": hist["test_acc"][-1],
+           "train_loss_epoch_mean": hist["train_loss"][-1], "train_loss_final": training["train_loss_final"],
+           **{k: v.tolist() for k, v in m.items()}, "displacements": displacements(p),
+           "train_time_s": training["train_time_s"], "metric_time_s": metric_time}
+    res["correlations"] = correlations(res, cfg["CONTROL"])
+    save_json(os.path.join(res_dir, f"{name}.json"), {"config": cfg, "environment": environment(), **res})
+    c = res["correlations"]
+    print(f"{name}: train {res['train_time_s']:.0f} s, metrics {metric_time:.0f} s; r(val): "
+          + ", ".join(f"{LABELS[k]} {c[k]['r_val']:+.3f} (partial {c[k]['partial_r_val']:+.3f})" for k in METRICS))
+    return res
+
+
+def plot(res, fig_dir, control):
+    """Three scatter plots per dataset, one point per model, r in the legend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    name, c = res["dataset"], res["correlations"]
+    tr = np.asarray(res[f"train_loss_{control}"])
+    pairs = {"sharpness_vs_val_loss": [("phi_sphere", "val_loss"), ("phi_orthant", "val_loss")],
+             "curvature_vs_val_loss": [("psi", "val_loss")],
+             "sharpness_vs_curvature": [("phi_sphere", "psi")]}
+    for fname, panels in pairs.items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+        for ax, (xk, yk) in zip(axes[0], panels):
+            x, y = np.asarray(res[xk]), np.asarray(res[yk])
+            if yk == "val_loss":
+                lab = f"r = {c[xk]['r_val']:.3f}, partial r | train loss = {c[xk]['partial_r_val']:.3f}"
+            else:
+                from scipy.stats import pearsonr
+                lab = f"r = {pearsonr(x, y)[0]:.3f}"
+            sc = ax.scatter(x, y, c=tr, cmap="viridis", s=14, label=lab)
+            ax.set_xlabel(f"{LABELS[xk]} " + ("$\\phi$" if xk.startswith("phi") else "$\\psi$"))
+            ax.set_ylabel("validation loss" if yk == "val_loss" else "curvature $\\psi$")
+            ax.legend(loc="best", fontsize=8, handlelength=0.5)
+            ax.set_title(f"{name}, {len(x)} models")
+        fig.colorbar(sc, ax=axes[0].tolist(), label=f"training loss ({control})")
+        save_figure(fig, os.path.join(fig_dir, f"{name}_{fname}.png"))
+
+
+def table(res_dir):
+    """Table 1 from every <dataset>.json in res_dir: our r next to the paper's."""
+    import csv
+    from lib.results import atomic_path
+    found = {n: load_json(os.path.join(res_dir, f"{n}.json")) for n in DATASETS
+             if os.path.exists(os.path.join(res_dir, f"{n}.json"))}
+    if not found:
+        return None
+    rows, header = [], ["measure"] + [f"{n} {w}" for n in found for w in ("ours", "paper")]
+    for m in METRICS:
+        paper = PAPER["curvature" if m == "psi" else "sharpness"]
+        cell = lambda n, k: found[n]["correlations"][m][k]  # noqa: E731
+        pap = lambda n: paper[n]  # noqa: E731
+        rows.append([f"{LABELS[m]}: r with val. loss"] + [v for n in found for v in (cell(n, "r_val"), pap(n))])
+        rows.append([f"{LABELS[m]}: partial r given train loss"] + [v for n in found for v in (cell(n, "partial_r_val"), "-")])
+        rows.append([f"{LABELS[m]}: r with train loss"] + [v for n in found for v in (cell(n, "r_train"), "-")])
+    rows.append(["train loss: r with val. loss"] + [v for n in found for v in (found[n]["correlations"]["train_loss"]["r_val"], "-")])
+    sizes = ", ".join(f"{n}: {f['n_models'] if 'n_models' in f else len(f['seeds'])} models, "
+                      f"{f['n_train']} train / {f['n_test']} test images" for n, f in found.items())
+    md = (f"# Table 1: Pearson correlation with the validation loss\n\n{markdown_table(header, rows)}\n\n"
+          f"{sizes}. The paper's sharpness r is repeated on both sharpness rows: the paper defines "
+          f"phi with unit-sphere directions (eq. 4), the authors' code draws positive-orthant ones. Partial r: controlling for the training loss "
+          f"({found[next(iter(found))]['config']['CONTROL']}).\n")
+    with atomic_path(os.path.join(res_dir, "table1.md")) as tmp, open(tmp, "w") as fh:
+        fh.write(md)
+    with atomic_path(os.path.join(res_dir, "table1.csv")) as tmp, open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows([header] + [[f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows])
+    return md
+
+
+def main(cfg):
+    names = list(PER_DATASET) if cfg["DATASET"] == "all" else [cfg["DATASET"]]
+    if cfg["DATASET"] != "all":
+        check_dataset(cfg["DATASET"])
+    check_choice("activation", cfg["ACTIVATION"], ["leaky_relu", "relu"])
+    check_choice("psi dtype", cfg["PSI_DTYPE"], ["float64", "float32"])
+    check_choice("control", cfg["CONTROL"], ["final", "epoch_mean"])
+    for k in ("N_MODELS", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "N_DRAWS", "METRIC_BATCH"):
+        check_positive(k.lower(), cfg[k], allow_zero=False)
+    if cfg["N_MODELS"] < 4:
+        raise UsageError(f"n_models must be >= 4 for a partial correlation, got {cfg['N_MODELS']}")
+    if cfg["ACTIVATION"] == "relu":
+        raise UsageError("the action of eq. (54) needs an invertible activation: use leaky_relu")
+    fig_dir, res_dir = experiment_dirs(EXPERIMENT, cfg["OUT_DIR"])
+    for name in names:
+        if cfg["PLOT_ONLY"]:
+            path = os.path.join(res_dir, f"{name}.json")
+            if not os.path.exists(path):
+                raise UsageError(f"--plot-only: no results at {path}")
+            res = load_json(path)
+        else:
+            res = run_dataset(name, cfg, res_dir)
+        plot(res, fig_dir, cfg["CONTROL"])
+    md = table(res_dir)
+    if md:
+        print(md)
+    return res_dir
+
+
+if __name__ == "__main__":
+    run(main, globals(), _QUICK)
