@@ -89,7 +89,10 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
     before = _value(objective, W, X, Y)
     for _ in range(steps):
         Ts = zero_algebra(action, W)
-        obj = objective(action(W, Ts, X, act), X, Y)
+        # layers outside the acted pairs come back as plain tensors: make them leaves that
+        # require grad, so objectives that differentiate in W (||grad L||^2) see every layer
+        obj = objective([w if w.requires_grad else w.detach().requires_grad_()
+                         for w in action(W, Ts, X, act)], X, Y)
         if stop_above is not None:
             active &= obj.detach() <= stop_above
         if not active.any():
