@@ -4,10 +4,11 @@ the curve of minima.
     python curvature_displacement.py           # full kappa grids, 4,000-point quadrature
     python curvature_displacement.py --quick   # coarser grids
 
-CPU runtime (2 cores): about 5 s (--quick: about 3 s), mostly imports and matplotlib.
-Headline: (1/r) E dist starts at 2/pi = 0.6366 for a straight line (eq. 66); it RISES with the
-curvature of the parabola gamma_1 (towards 1/2 + 1/pi = 0.818 as kappa r -> infinity) and FALLS with
-the curvature of the circle gamma_2 (0.5988 at kappa r = 1): curvature alone does not fix the sign.
+CPU runtime (2 cores): about 7 s of CPU time, ~20 s wall on the shared machine (--quick: ~2 s CPU).
+Headline: (1/r) E dist = 2/pi = 0.6366 for a straight line (eq. 66) and depends on kappa r only.
+Circle gamma_2: it falls with curvature (0.5987 at kappa r = 1, the largest in (c)). Parabola gamma_1:
+it first falls too (minimum 0.6138 at kappa r = 1.83), is back at 2/pi at kappa r = 4.73, then rises
+(0.7757 at kappa r = 160, the right end of (b) for r = 2; limit 1/2 + 1/pi = 0.818).
 
 For a curve of minima gamma through w0 = (0, 0), shift w0 by r in a direction uniform on the circle
 and average the distance to gamma (eq. 65):
