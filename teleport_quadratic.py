@@ -28,7 +28,7 @@ from lib.config import UsageError, check_choice, check_positive, run  # noqa: E4
 from lib import quadratic  # noqa: E402
 from lib.quadratic import (get_function, grad, hessian, loss, max_grad_norm_sq,  # noqa: E402
                            optimal_angle, so2_action, teleport_angle, wrap_half_turn)
-from lib.results import COLORS, environment, experiment_dirs, save_figure, save_json  # noqa: E402
+from lib.results import COLORS as _COLORS, environment, experiment_dirs, save_figure, save_json  # noqa: E402
 
 # ---- config -------------------------------------------------------------------------------
 FUNCTION = "all"           # x2_9y2, booth, or all
@@ -56,11 +56,15 @@ def resolve(cfg, name):
     s = {k: (cfg[k] if cfg[k] is not None else v) for k, v in DEFAULTS[name].items()}
     if len(s["START"]) != 2:
         raise UsageError(f"START must be a pair (x, y), got {s['START']!r}")
+    if loss(get_function(name), torch.tensor(s["START"], dtype=torch.float64)).item() == 0:
+        raise UsageError(f"START {s['START']} is the minimiser of {name} (f = 0): the orbit is one point")
     check_positive("LR", s["LR"], allow_zero=False)
     lam_max = torch.linalg.eigvalsh(hessian(get_function(name)))[-1].item()
     if s["LR"] >= 2 / lam_max:
         raise UsageError(f"LR must be < 2/lambda_max = {2 / lam_max:.4g} for gradient descent to converge, got {s['LR']}")
     check_positive("TELEPORT_STEP", s["TELEPORT_STEP"])
+    if s["TELEPORT_STEP"] > cfg["STEPS"]:
+        raise UsageError(f"TELEPORT_STEP must be <= STEPS = {cfg['STEPS']}, got {s['TELEPORT_STEP']}")
     return s
 
 
@@ -163,11 +167,11 @@ def plot(q, out, fig_dir, grid, dpi, target):
     ax.contour(X, Y, F, levels=np.geomspace(max(F.min(), 1e-3), F.max(), 14), colors="0.75", linewidths=0.7)
     ax.plot(orbit[:, 0], orbit[:, 1], ":", color="k", lw=1, label="orbit = level set at the teleport")
     k = rec["step"]
-    ax.plot(t["x"][k + 1:], t["y"][k + 1:], "o-", ms=3, color=COLORS["teleport"], label=f"GD + teleport before step {k}")
-    ax.plot(b["x"], b["y"], "o-", ms=3, color=COLORS["baseline"], label="GD (the same until the teleport)")
+    ax.plot(t["x"][k + 1:], t["y"][k + 1:], "o-", ms=3, color=_COLORS["teleport"], label=f"GD + teleport before step {k}")
+    ax.plot(b["x"], b["y"], "o-", ms=3, color=_COLORS["baseline"], label="GD (the same until the teleport)")
     ax.annotate("", xy=rec["w_after"], xytext=rec["w_before"],
-                arrowprops={"arrowstyle": "->", "color": COLORS["teleport"], "lw": 1.5, "ls": "--"})
-    ax.plot(*rec["w_after"], "*", ms=14, color=COLORS["teleport"], label="teleport target")
+                arrowprops={"arrowstyle": "->", "color": _COLORS["teleport"], "lw": 1.5, "ls": "--"})
+    ax.plot(*rec["w_after"], "*", ms=14, color=_COLORS["teleport"], label="teleport target")
     ax.set_xlim(cx - half, cx + half)
     ax.set_ylim(cy - half, cy + half)
     ax.set_aspect("equal")
@@ -178,7 +182,7 @@ def plot(q, out, fig_dir, grid, dpi, target):
     for key, ylabel, fname in [("loss", "f(w)", "loss"), ("ratio", r"$\|\nabla f\| \,/\, \max_{level\ set} \|\nabla f\|$", "optimality")]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm, label in [("baseline", "GD"), ("teleport", f"GD + teleport before step {k}")]:
-            ax.plot(c[arm]["step"], c[arm][key], "o-", ms=2.5, color=COLORS[arm], label=label)
+            ax.plot(c[arm]["step"], c[arm][key], "o-", ms=2.5, color=_COLORS[arm], label=label)
         ax.axvline(k, color="0.6", lw=0.8, ls="--")
         if key == "loss":
             ax.set_yscale("log")
@@ -189,7 +193,7 @@ def plot(q, out, fig_dir, grid, dpi, target):
             ax.set_ylim(0, 1.05)
             hit = out["theorem_3_1"]["steps_to_target_teleport"]
             if hit is not None:
-                ax.axvline(hit, color=COLORS["teleport"], lw=0.8, ls=":", label=f"teleport run reaches f = {target:g}")
+                ax.axvline(hit, color=_COLORS["teleport"], lw=0.8, ls=":", label=f"teleport run reaches f = {target:g}")
             if out["prop_3_5"]["loss_when_ratio_departs"] is not None:
                 ax.text(0.98, 0.55, "ratio leaves 1 only once f < %.0e:\nrounding error along the flat\n"
                         "direction outgrows the steep one" % out["prop_3_5"]["loss_when_ratio_departs"],

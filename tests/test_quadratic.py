@@ -62,7 +62,7 @@ def quick(tmp_path_factory):
 def test_quick_run_theory_checks(quick, name):
     out, results = quick
     r = load_json(out / f"results/quadratic/{name}.json")
-    assert r["config"]["QUICK"] is True and "torch" in r["environment"]
+    assert r["config"]["QUICK"] is True and "torch" in r["environment"] and "COLORS" not in r["config"]
     for fig in ("trajectories", "loss", "optimality"):
         assert (out / f"figures/quadratic/{name}_{fig}.png").stat().st_size > 10000
     # the teleport keeps the loss, and ascent agrees with the closed form
@@ -100,7 +100,9 @@ def test_known_step_counts(quick):
 @pytest.mark.parametrize("argv,match", [(["--function=rosenbrock"], "unknown FUNCTION 'rosenbrock'"),
                                         (["--lr=-0.1"], "LR must be > 0"),
                                         (["--lr=0.2"], "LR must be < 2/lambda_max"),
-                                        (["--start=(1.0,)"], "START must be a pair")])
+                                        (["--start=(1.0,)"], "START must be a pair"),
+                                        (["--function=booth", "--start=(1.0, 3.0)"], "is the minimiser of booth"),
+                                        (["--teleport-step=500"], "TELEPORT_STEP must be <= STEPS")])
 def test_bad_input_is_a_usage_error(tmp_path, argv, match):
     with pytest.raises(UsageError, match=match):
         tq.main(configure(vars(tq), argv + [f"--out-dir={tmp_path}"]))
