@@ -331,17 +331,32 @@ def f12_teleport(cfg, W, opt, X, Y, strategy, objective, lr):
                           steps=cfg["F12_TELE_STEPS"], lr=lr, loss="mse")
 
 
-def plot_f12(curves, path, title):
+def plot_f12(curves, path, title, tele_epoch):
+    """Log loss vs epoch, mean +- std over repeats (the band's lower edge clipped at the lowest
+    run so that it stays positive on the log axis). A curve that turns non-finite is drawn up to
+    there and its label says from which epoch; the y range follows the finite curves."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     palette = {"no teleport": COLORS["baseline"], "reset": COLORS["teleport"], "keep": COLORS["teleport-keep"],
                "transport": COLORS["teleport-transport"], "||grad L||^2": COLORS["teleport"],
                "||grad L||_A^2": COLORS["teleport-transport"]}
+    top = 0.0
     for name, c in curves.items():
         c = np.asarray(c, float)
-        plot_mean_std(ax, np.arange(c.shape[1]), c, label=name, color=palette.get(name))
+        x, label = np.arange(c.shape[1]), name
+        bad = ~np.isfinite(c).all(0) | (c.max(0) > 1e3 * np.nanmax(c[:, 0]))
+        if bad.any():
+            label += f" (diverges at epoch {int(np.argmax(bad))})"
+            c, x = c[:, :np.argmax(bad)], x[:np.argmax(bad)]
+        else:
+            top = max(top, c.max())
+        mean, std = c.mean(0), c.std(0)
+        ax.plot(x, mean, color=palette.get(name), label=label, lw=1.4)
+        ax.fill_between(x, np.maximum(mean - std, c.min(0)), mean + std, color=palette.get(name), alpha=0.15, lw=0)
+    ax.axvline(tele_epoch, color="k", lw=0.6, ls=":")
     ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    ax.set_ylim(top=2 * top if top else None)
+    ax.set_xlabel(f"epoch (teleport before epoch {tele_epoch}, dotted)")
     ax.set_ylabel("loss ||Y - f(X)||^2")
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -369,8 +384,10 @@ def figure12(cfg):
                                                         {"strategy": "keep", "objective": obj, "lr": lr})
         saved = {"config": cfg, "environment": environment(), "momentum": mom, "adagrad": ada, "teleports": recs}
         save_json(path, saved)
-    plot_f12(saved["momentum"], os.path.join(fig_dir, "momentum_strategies.png"), "SGD momentum: state after teleport")
-    plot_f12(saved["adagrad"], os.path.join(fig_dir, "adagrad_objectives.png"), "AdaGrad: teleport objective")
+    plot_f12(saved["momentum"], os.path.join(fig_dir, "momentum_strategies.png"),
+             "SGD momentum: optimizer state after the teleport", saved["config"]["F12_TELE_EPOCH"])
+    plot_f12(saved["adagrad"], os.path.join(fig_dir, "adagrad_objectives.png"),
+             "AdaGrad: teleport objective", saved["config"]["F12_TELE_EPOCH"])
     for part in ("momentum", "adagrad"):
         for name, c in saved[part].items():
             c = np.asarray(c, float)
