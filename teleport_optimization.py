@@ -218,10 +218,11 @@ def summary(cfg, results):
                  "test_loss": {e: stat(h, "test_loss", e) for e in rep},
                  "test_acc": {e: stat(h, "test_acc", e) for e in rep},
                  "time_s": float(h["time_s"][-1]),
+                 "teleport_time_s": float(sum(r.get("time_s", 0.0) for r in h["teleports"])),
                  "mean_train_loss_all_epochs": float(np.mean(h["train_loss"]))}
             data[opt][arm] = d
             rows.append([opt, arm] + [f"{d['train_loss'][e][0]:.4g} / {d['test_loss'][e][0]:.4g}" for e in rep]
-                        + [f"{d['time_s']:.1f}"])
+                        + [f"{d['time_s']:.1f} ({d['teleport_time_s']:.1f})"])
             crows.append([opt, arm] + [f"{d['train_loss'][e][0]:.4f} ± {d['train_loss'][e][1]:.4f}" for e in ctl])
         if "baseline" in res and "teleport" in res:
             base = data[opt]["baseline"]["mean_train_loss_all_epochs"]
@@ -240,12 +241,21 @@ def summary(cfg, results):
                     text += (f"; {arm} reaches {100 * shares[arm]:.0f}% of that gain "
                              f"({100 * shares_at[arm][e5]:.0f}% at epoch {e5})")
             verdicts[opt] = {"gain": gain, "share": shares, "share_at_epoch": shares_at, "text": text}
-    header = ["optimizer", "arm"] + [f"train / test @ {e}" for e in rep] + ["time (s)"]
+    below = {}
+    for opt, res in results.items():
+        if "baseline" in res and "teleport" in res:
+            n = min(5, cfg["EPOCHS"])
+            b, t = (np.asarray(res[a]["train_loss"][:n], float).mean(1) for a in ("baseline", "teleport"))
+            below[opt] = f"{opt}: " + ", ".join(f"{e + 1}: {'yes' if t[e] < b[e] else 'no'} ({t[e]:.4f} vs {b[e]:.4f})"
+                                                for e in range(n))
+    header = ["optimizer", "arm"] + [f"train / test @ {e}" for e in rep] + ["time s (teleports)"]
     cheader = ["optimizer", "arm"] + [f"train @ {e}" for e in ctl]
     md = (f"## {cfg['DATASET']}: mean train / test loss over {cfg['N_RUNS']} runs\n\n" + markdown_table(header, rows)
           + f"\n\n## Controls: train loss, mean ± std over {cfg['N_RUNS']} runs\n\n" + markdown_table(cheader, crows)
-          + "\n\n" + "\n".join(f"- {v['text']}" for v in verdicts.values()) + "\n")
-    return md, {"per_arm": data, "verdicts": verdicts}
+          + "\n\n" + "\n".join(f"- {v['text']}" for v in verdicts.values())
+          + "\n\nTeleport arm's mean training loss below the baseline's, by epoch (teleport vs baseline):\n\n"
+          + "\n".join(f"- {v}" for v in below.values()) + "\n")
+    return md, {"per_arm": data, "verdicts": verdicts, "teleport_below_baseline": below}
 
 
 def figure5(cfg):
