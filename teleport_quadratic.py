@@ -107,10 +107,10 @@ def curves(q, path):
     return f, ratio
 
 
-def steps_to(losses, target, shift=0):
-    """First GD step index at which the loss is <= target (shift: extra points from the jump)."""
+def steps_to(losses, target, steps):
+    """First GD step at which the loss is <= target (steps: the GD step of each path point)."""
     hit = np.nonzero(np.asarray(losses) <= target)[0]
-    return int(hit[0]) - shift if len(hit) else None
+    return int(steps[hit[0]]) if len(hit) else None
 
 
 def step_axis(n, record):
@@ -130,6 +130,7 @@ def experiment(cfg, name):
     k = rec["step"] + 1                                   # index of the teleported point in `tele`
     prop32 = newton_check(q, tele[k], s["LR"])
     above = (ft[k:] >= cfg["LOSS_TARGET"]).nonzero().flatten() + k
+    above = above if len(above) else torch.tensor([k])
     dev_after = (rt[above] - 1).abs().max().item()     # Prop. 3.5: ratio stays 1 after one teleport
     dev_all = (rt[k:][ft[k:] > 0] - 1).abs()
     departs = next((int(i) for i in range(len(dev_all)) if dev_all[i] > 1e-6), None)
@@ -143,8 +144,8 @@ def experiment(cfg, name):
                      "max_ratio_no_teleport": rb.max().item(), "min_ratio_no_teleport": rb.min().item(),
                      "gd_steps_after_teleport_until_ratio_departs_1e-6": departs,
                      "loss_when_ratio_departs": ft[k + departs].item() if departs is not None else None},
-        "theorem_3_1": {"steps_to_target_no_teleport": steps_to(fb, cfg["LOSS_TARGET"]),
-                        "steps_to_target_teleport": steps_to(ft, cfg["LOSS_TARGET"], shift=1)},
+        "theorem_3_1": {"steps_to_target_no_teleport": steps_to(fb, cfg["LOSS_TARGET"], step_axis(len(base), None)),
+                        "steps_to_target_teleport": steps_to(ft, cfg["LOSS_TARGET"], step_axis(len(tele), rec))},
         "curves": {"baseline": {"x": base[:, 0], "y": base[:, 1], "loss": fb, "ratio": rb, "step": step_axis(len(base), None)},
                    "teleport": {"x": tele[:, 0], "y": tele[:, 1], "loss": ft, "ratio": rt, "step": step_axis(len(tele), rec)}},
     }
