@@ -206,13 +206,15 @@ def plot(res, fig_dir, control):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     name, c = res["dataset"], res["correlations"]
     tr = np.asarray(res[f"train_loss_{control}"])
     pairs = {"sharpness_vs_val_loss": [("phi_sphere", "val_loss"), ("phi_orthant", "val_loss")],
              "curvature_vs_val_loss": [("psi", "val_loss")],
              "sharpness_vs_curvature": [("phi_sphere", "psi")]}
     for fname, panels in pairs.items():
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.4), squeeze=False,
+                                 layout="constrained")
         for ax, (xk, yk) in zip(axes[0], panels):
             x, y = np.asarray(res[xk]), np.asarray(res[yk])
             if yk == "val_loss":
@@ -220,10 +222,10 @@ def plot(res, fig_dir, control):
             else:
                 from scipy.stats import pearsonr
                 lab = f"r = {pearsonr(x, y)[0]:.3f}"
-            sc = ax.scatter(x, y, c=tr, cmap="viridis", s=14, label=lab)
+            sc = ax.scatter(x, y, c=tr, cmap="viridis", s=14)
             ax.set_xlabel(f"{LABELS[xk]} " + ("$\\phi$" if xk.startswith("phi") else "$\\psi$"))
             ax.set_ylabel("validation loss" if yk == "val_loss" else "curvature $\\psi$")
-            ax.legend(loc="best", fontsize=8, handlelength=0.5)
+            ax.legend(handles=[Line2D([], [], ls="", marker="o", color="0.5", label=lab)], loc="best", fontsize=8)
             ax.set_title(f"{name}, {len(x)} models")
         fig.colorbar(sc, ax=axes[0].tolist(), label=f"training loss ({control})")
         save_figure(fig, os.path.join(fig_dir, f"{name}_{fname}.png"))

@@ -56,11 +56,17 @@ def init_mlp(widths, seeds, device="cpu", dtype=torch.float32):
 
 
 def forward(W, X, act):
-    """Network output f(X) in rows: X: (B, d_0) or (K, B, d_0) -> (K, B, d_L)."""
-    h = X
-    for w in W[:-1]:
-        h = act(torch.matmul(h, w.mT))
-    return torch.matmul(h, W[-1].mT)
+    """Network output f(X) in rows: X: (B, d_0) or (K, B, d_0) -> (K, B, d_L). A shared X goes
+    through the first layer of all K models as one GEMM, X @ [W_1^(1); ...; W_1^(K)]^T, instead
+    of a batched matmul that would copy X K times (same values, several times faster for large K)."""
+    if X.dim() == 2:
+        K, d_out, d_in = W[0].shape
+        h = (X @ W[0].reshape(K * d_out, d_in).T).view(X.shape[0], K, d_out).transpose(0, 1)
+    else:
+        h = torch.matmul(X, W[0].mT)
+    for w in W[1:]:
+        h = torch.matmul(act(h), w.mT)
+    return h
 
 
 def hidden_columns(W, X, act):

@@ -124,3 +124,19 @@ def test_bad_input_is_one_line_error(argv, match, capsys, tmp_path):
         run(correlation.main, vars(correlation), correlation._QUICK, argv=argv + [f"--out-dir={tmp_path}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_forward_shared_input_gemm_equals_per_model_matmul():
+    # lib/models.py sends a shared X through the first layer of all models as one GEMM
+    from lib.models import forward
+    W = init_mlp([12, 7, 5, 3], [1, 2, 3], dtype=torch.float64)
+    X = torch.rand(9, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shared = forward(W, X, ACT)
+    assert shared.shape == (3, 9, 3)
+    assert torch.allclose(shared, forward(W, X.expand(3, -1, -1), ACT), atol=1e-12)
+    for k in range(3):
+        h = X
+        for w in W[:-1]:
+            h = ACT(h @ w[k].T)
+        assert torch.allclose(shared[k], h @ W[-1][k].T, atol=1e-12)
+    assert torch.allclose(forward(W[:1], X, ACT), torch.einsum("bi,koi->kbo", X, W[0]), atol=1e-12)
