@@ -8,8 +8,13 @@ the teleportation, on a two-layer regression L(W1, W2) = 0.5 ||Y - W2 s(W1 X)||^
 
 Four methods on 5 unseen trajectories: GD (lr 3e-4), LSTM(update), LSTM(lr,tele) and
 LSTM(update,tele), w <- g_t . (w + f_t) with g_t = I + T_t acting by eq. (54).
-CPU runtime (2 shared cores): see RUNTIME in results/multi_layer_regression.json and the README.
-Headline: see the printed table (mean test loss at steps 1, 5, 10, 20, 30).
+CPU runtime (2 cores shared with other jobs, load ~12): ~25 min with --batch=5 (the committed
+run: LSTM(update,tele) 1052 s, LSTM(update) 422 s, LSTM(lr,tele) 14 s of training); the paper's
+sequential --batch=1 measured ~6 s per trajectory there, i.e. ~2 h. --quick: ~10 s.
+Headline (committed run, mean of 5 test trajectories): loss after 10 steps 28 for
+LSTM(update,tele), 32 for LSTM(update), 2.6e3 for GD; after 30 steps 22.5 +- 1.4, 30 +- 9, 41 +- 10.
+LSTM(lr,tele) with the authors' hard clamp collapses to the 1e-7 step (4.3e5 after 30 steps);
+--eta-param=sigmoid keeps it alive (then it is GD-like).
 
 Choices, each stated where it is made:
 - m1 and m2 are *full-vector* two-layer LSTMs (two torch.nn.LSTMCell, hidden 300) that
@@ -37,7 +42,7 @@ from lib.actions import GLAction  # noqa: E402
 from lib.config import UsageError, check_choice, check_positive, run  # noqa: E402
 from lib.models import Activation, loss_fn  # noqa: E402
 from lib.results import (BASELINE, TELEPORT, atomic_path, environment, load_json,  # noqa: E402
-                         markdown_table, plot_mean_std, save_figure, save_json)
+                         markdown_table, save_figure, save_json)
 
 # ---------------------------------------------------------------- config
 WIDTH = 20                   # d: W1, W2, X (d x n), Y all 20 x 20, entries uniform on [0, 1]
@@ -57,6 +62,8 @@ LR_SOURCE = "code"           # Adam lrs (m1, m2): 'code' (1e-3, 1e-4), 'paper' (
 GD_LR = 3e-4                 # learning rate of the GD baseline (largest non-diverging)
 STEP_CLAMP = (1e-7, 5e-3)    # LSTM(lr,tele): learned step size clamped to this range
 ETA_INIT = 3e-4              # LSTM(lr,tele): initial step size (head bias; weights 0); None = torch's init
+ETA_PARAM = "clamp"          # LSTM(lr,tele) step: 'clamp' (authors': clamp(out, *STEP_CLAMP)) or
+                             # 'sigmoid' (lo + (hi - lo) sigmoid(out): same range, never a zero gradient)
 INVERSE = "exact"            # W2 <- W2 g^-1: 'exact' (inverse of I + T) or 'first_order' (W2 (I - T))
 TRAIN_SEED = 10000           # training trajectory i draws from seed TRAIN_SEED + i
 TEST_SEED = 0                # test trajectory i draws from seed TEST_SEED + i (must not overlap)
@@ -64,6 +71,7 @@ INIT_SEED = 0                # torch seed for the LSTMs' initial weights
 PLOT_STEPS = 30              # steps shown in the figures (Figure 6 shows 30)
 TABLE_STEPS = [1, 5, 10, 20, 30]  # steps of the printed table (loss after that many updates)
 TEST_ONLY = False            # load saved meta-optimizers from OUT_DIR/results instead of training
+RETRAIN = []                 # with TEST_ONLY: methods to train anyway (e.g. ['lr_tele']), others loaded
 PLOT_ONLY = False            # redraw the figures from the saved JSON
 DTYPE = "float32"            # float32 or float64
 THREADS = 1                  # torch CPU threads (the machine is shared)
@@ -78,7 +86,8 @@ _QUICK = {"STEPS": 10, "UNROLL": 5, "TEST_STEPS": 30, "HIDDEN": 16, "LR_TELE_HID
 META_LRS = {"code": (1e-3, 1e-4), "paper": (1e-4, 1e-3)}  # Adam lr for (m1 update, m2 teleport)
 METHODS = ("gd", "lr_tele", "update", "update_tele")
 LABELS = {"gd": "GD", "lr_tele": "LSTM(lr,tele)", "update": "LSTM(update)",
-          "update_tele": "LSTM(update,tele)"}
+          "update_tele": "LSTM(update,tele)", "update_tele_off": "LSTM(update,tele), teleport off"}
+CONTROL = "update_tele_off"  # control: LSTM(update,tele)'s m1 alone, its m2 switched off at test time
 COLORS = {"gd": BASELINE, "lr_tele": "#2ca02c", "update": "#ff7f0e", "update_tele": TELEPORT}
 N_TRAIN = {"lr_tele": "N_TRAIN_LR_TELE", "update": "N_TRAIN_UPDATE", "update_tele": "N_TRAIN_UPDATE_TELE"}
 JSON_NAME = "multi_layer_regression.json"
@@ -124,9 +133,12 @@ def make_nets(method, cfg):
         if cfg["ETA_INIT"] is not None:
             # torch's random init puts eta at a clamp bound (5e-3 diverges, 1e-7 has no gradient
             # through the clamp); start at GD's step instead (not in the authors' code)
+            lo, hi = cfg["STEP_CLAMP"]
+            p = (cfg["ETA_INIT"] - lo) / (hi - lo)
             with torch.no_grad():
                 nets["m2"].heads["eta"].weight.zero_()
-                nets["m2"].heads["eta"].bias.fill_(cfg["ETA_INIT"])
+                nets["m2"].heads["eta"].bias.fill_(cfg["ETA_INIT"] if cfg["ETA_PARAM"] == "clamp"
+                                                   else float(np.log(p / (1 - p))))
     dtype = getattr(torch, cfg["DTYPE"])
     return {k: v.to(device=cfg["DEVICE"], dtype=dtype) for k, v in nets.items()}
 
@@ -181,7 +193,9 @@ def update(method, nets, W, grads, states, X, act, cfg):
         out, new_states["m2"] = nets["m2"](g21, states["m2"])
         T = out["T"]
         if method == "lr_tele":
-            eta = out["eta"].clamp(*cfg["STEP_CLAMP"]).view(K)
+            lo, hi = cfg["STEP_CLAMP"]
+            eta = (out["eta"].clamp(lo, hi) if cfg["ETA_PARAM"] == "clamp"
+                   else lo + (hi - lo) * torch.sigmoid(out["eta"])).view(K)
             W = [w - eta.view(K, 1, 1) * g for w, g in zip(W, grads)]
     if T is not None:
         W = teleport(W, T, X, act, cfg)
@@ -199,7 +213,7 @@ def train(method, nets, cfg, act, seeds):
     ends that batch of trajectories (counted)."""
     lr_m1, lr_m2 = META_LRS[cfg["LR_SOURCE"]]
     opts = [torch.optim.Adam(net.parameters(), lr=lr_m1 if k == "m1" else lr_m2) for k, net in nets.items()]
-    hist = {"mean_loss": [], "final_loss": [], "nonfinite": 0}
+    hist = {"mean_loss": [], "final_loss": [], "nonfinite": 0, "batch": cfg["BATCH"], "seeds": seeds}
     B, t0 = cfg["BATCH"], time.perf_counter()
     for net in nets.values():
         net.train()
@@ -285,11 +299,19 @@ def load_nets(path, nets):
 def table(curves, steps):
     """Mean test loss after `steps` updates, one row per method."""
     rows = []
-    for m in [m for m in METHODS if m in curves]:
+    for m in [m for m in METHODS + (CONTROL,) if m in curves]:
         L = np.asarray(curves[m]["loss"], dtype=float)
         rows.append([LABELS[m]] + [f"{L[:, s].mean():.4g} +- {L[:, s].std():.2g}" if s < L.shape[1] else "-"
                                    for s in steps])
     return markdown_table(["method"] + [f"step {s}" for s in steps], rows)
+
+
+def _mean_std(ax, x, L, m):
+    """Mean over test trajectories with a +-1 std band; on the log axis the band's lower edge
+    is cut at the smallest trajectory (mean - std < 0 for GD at some steps)."""
+    mean, std = L.mean(0), L.std(0)
+    ax.plot(x, mean, color=COLORS[m], label=LABELS[m])
+    ax.fill_between(x, np.maximum(mean - std, L.min(0)), mean + std, color=COLORS[m], alpha=0.2, lw=0)
 
 
 def plot(res, cfg):
@@ -300,7 +322,7 @@ def plot(res, cfg):
     fig, ax = plt.subplots(figsize=(5, 4))
     for m in [m for m in METHODS if m in res["curves"]]:
         L = np.asarray(res["curves"][m]["loss"], dtype=float)[:, :n + 1]
-        plot_mean_std(ax, np.arange(L.shape[1]), L, label=LABELS[m], color=COLORS[m])
+        _mean_std(ax, np.arange(L.shape[1]), L, m)
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="Two-layer regression, 5 test trajectories")
     ax.legend()
     save_figure(fig, os.path.join(fig_dir, "multi_layer_loss.png"))
@@ -308,9 +330,7 @@ def plot(res, cfg):
     for m in [m for m in METHODS if m in res["curves"]]:
         c = res["curves"][m]
         L = np.asarray(c["loss"], dtype=float)[:, :n + 1]
-        t = np.asarray(c["time_s"], dtype=float)[:, :n + 1].mean(0)
-        ax.plot(t, L.mean(0), color=COLORS[m], label=LABELS[m])
-        ax.fill_between(t, L.mean(0) - L.std(0), L.mean(0) + L.std(0), color=COLORS[m], alpha=0.2, lw=0)
+        _mean_std(ax, np.asarray(c["time_s"], dtype=float)[:, :n + 1].mean(0), L, m)
     ax.set(xlabel="wall-clock time (s)", ylabel="loss", yscale="log", title=f"first {n} steps, per trajectory")
     ax.legend()
     save_figure(fig, os.path.join(fig_dir, "multi_layer_loss_vs_time.png"))
@@ -333,12 +353,15 @@ def check(cfg):
     check_positive("GD_LR", cfg["GD_LR"], allow_zero=False)
     check_choice("LR_SOURCE", cfg["LR_SOURCE"], META_LRS)
     check_choice("INVERSE", cfg["INVERSE"], ("exact", "first_order"))
+    check_choice("ETA_PARAM", cfg["ETA_PARAM"], ("clamp", "sigmoid"))
+    for m in cfg["RETRAIN"]:
+        check_choice("method in RETRAIN", m, N_TRAIN)
     check_choice("DTYPE", cfg["DTYPE"], ("float32", "float64"))
     if cfg["STEPS"] % cfg["UNROLL"]:
         raise UsageError(f"STEPS ({cfg['STEPS']}) must be a multiple of UNROLL ({cfg['UNROLL']})")
     lo, hi = cfg["STEP_CLAMP"]
-    if not 0 < lo <= hi:
-        raise UsageError(f"STEP_CLAMP must be 0 < low <= high, got {cfg['STEP_CLAMP']}")
+    if not 0 < lo < hi or (cfg["ETA_INIT"] is not None and not lo < cfg["ETA_INIT"] < hi):
+        raise UsageError(f"STEP_CLAMP must be 0 < low < ETA_INIT < high, got {cfg['STEP_CLAMP']}, {cfg['ETA_INIT']}")
     n_train = max(cfg[v] for v in N_TRAIN.values())
     train_seeds = set(range(cfg["TRAIN_SEED"], cfg["TRAIN_SEED"] + n_train))
     if train_seeds & set(range(cfg["TEST_SEED"], cfg["TEST_SEED"] + cfg["N_TEST"])):
@@ -365,7 +388,7 @@ def main(cfg):
         training = load_json(json_path).get("training", {})
     for m in ("gd", "lr_tele", "update_tele", "update"):  # the longest trainings last but one
         nets = make_nets(m, cfg) if m != "gd" else {}
-        if nets and cfg["TEST_ONLY"]:
+        if nets and cfg["TEST_ONLY"] and m not in cfg["RETRAIN"]:
             load_nets(state_path(cfg, m), nets)
         elif nets:
             seeds = [cfg["TRAIN_SEED"] + i for i in range(cfg[N_TRAIN[m]])]
@@ -374,9 +397,11 @@ def main(cfg):
             print(f"{LABELS[m]}: {len(seeds)} trajectories in {training[m]['time_s']:.0f} s, "
                   f"non-finite unrolls {training[m]['nonfinite']}", flush=True)
         curves[m] = test(m, nets, cfg, act, test_seeds)
+        if m == "update_tele":
+            curves[CONTROL] = test("update", {"m1": nets["m1"]}, cfg, act, test_seeds)
         res = {"config": cfg, "environment": environment(), "curves": curves, "training": training,
                "train_time_s": {k: h["time_s"] for k, h in training.items()},
-               "table_steps": cfg["TABLE_STEPS"], "complete": len(curves) == len(METHODS),
+               "table_steps": cfg["TABLE_STEPS"], "complete": all(k in curves for k in METHODS),
                "mean_test_loss": {k: np.asarray(c["loss"], dtype=float).mean(0) for k, c in curves.items()}}
         save_json(json_path, res)  # after every method, so a cut-off run keeps what it finished
     plot(load_json(json_path), cfg)

@@ -85,6 +85,13 @@ def test_meta_gradient_reaches_both_lstms_and_lr_stays_clamped():
     assert all(lo <= e <= hi for e in curves["step_size"][0]) and len(curves["step_size"][0]) == 10
 
 
+@pytest.mark.parametrize("param", ["clamp", "sigmoid"])
+def test_lr_tele_starts_at_eta_init(param):
+    cfg = _cfg(f"--eta-param={param}", "--dtype=float64")
+    etas = mlr.test("lr_tele", mlr.make_nets("lr_tele", cfg), cfg, ACT, [0])["step_size"][0]
+    assert etas[0] == pytest.approx(cfg["ETA_INIT"], rel=1e-6)  # the head's weights start at 0
+
+
 def test_gd_curve_is_plain_gradient_descent():
     cfg = _cfg("--dtype=float64")
     curve = mlr.test("gd", {}, cfg, ACT, [0])["loss"][0]
@@ -113,7 +120,9 @@ def test_saved_meta_optimizer_reloads_to_identical_curves(tmp_path):
 
 @pytest.mark.parametrize("arg,msg", [("--gd-lr=-1e-3", "GD_LR"), ("--lr-source=book", "LR_SOURCE"),
                                      ("--inverse=second", "INVERSE"), ("--test-seed=10000", "overlap"),
-                                     ("--steps=12", "multiple")])
+                                     ("--steps=12", "multiple"),
+                                     ("--eta-param=exp", "ETA_PARAM"), ("--retrain=['gd']", "RETRAIN"),
+                                     ("--eta-init=1e-2", "ETA_INIT")])
 def test_bad_input_is_a_one_line_error(arg, msg):
     with pytest.raises(UsageError, match=msg):
         mlr.check(_cfg(arg))
@@ -131,7 +140,9 @@ def test_quick_run_writes_figures_json_and_reloads(tmp_path, capsys):
     with open(os.path.join(out, "results", "multi_layer_regression.json")) as fh:
         res = json.load(fh)
     q = mlr._QUICK
-    assert res["complete"] and set(res["curves"]) == set(mlr.METHODS)
+    assert res["complete"] and set(res["curves"]) == set(mlr.METHODS) | {mlr.CONTROL}
+    # teleport is loss-preserving: switching it off cannot change the loss after the first step
+    assert res["curves"][mlr.CONTROL]["loss"][0][:2] == pytest.approx(res["curves"]["update_tele"]["loss"][0][:2], rel=1e-5)
     assert len(res["curves"]["update_tele"]["loss"]) == q["N_TEST"]
     assert len(res["curves"]["gd"]["loss"][0]) == q["TEST_STEPS"] + 1
     assert res["config"]["LR_SOURCE"] == "code" and "python" in res["environment"]
@@ -139,7 +150,7 @@ def test_quick_run_writes_figures_json_and_reloads(tmp_path, capsys):
     # --test-only reloads the saved state_dicts (weights_only=True) and gives identical curves
     res2 = mlr.main(configure(vars(mlr), ["--quick", f"--out-dir={out}", "--progress=False", "--test-only"],
                               mlr._QUICK))
-    for m in mlr.METHODS:
+    for m in mlr.METHODS + (mlr.CONTROL,):
         assert res2["curves"][m]["loss"] == res["curves"][m]["loss"]
     assert res2["training"] == res["training"]
     with pytest.raises(SystemExit) as e:
