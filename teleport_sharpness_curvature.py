@@ -29,10 +29,19 @@ results/generalization/<dataset>_<optimizer>.json (every curve, teleport and per
 phi/psi on a fixed batch before, right after the teleports and at the end) and
 <dataset>_<optimizer>_table.md.
 
-CPU runtime (2 busy cores): MNIST 5k subset with --controls, about 10 min (SGD) and 12 min
-(AdaGrad); full CIFAR-10 estimated at about 20 h per optimizer (see README).
-Headline (MNIST 5k subset): see README; the teleport arms move phi and psi as asked, while the
-final test losses of all arms stay within about one standard deviation of the baseline.
+CPU runtime (one thread on 2 shared, busy cores): MNIST 5k subset with --controls, 15 min (SGD,
+45 models after the branch) and 16 min (AdaGrad, 50 models); most of it is the teleports.
+CIFAR-10 at full size, measured on CIFAR-sized synthetic tensors: about 6 s per epoch before the
+branch (5 models), 21 s (25 models) or 36 s (45 models, --controls) per epoch after it, 11 s per
+sharpness and 23 s per curvature teleport of 5 models: about 25 min for the whole protocol
+(see README for the measured end-to-end time).
+Headline (MNIST 5k subset, 5 seeds, final test loss minus the baseline of the same seed):
+SGD sharpness decrease -0.0021 +- 0.0011, increase +0.0002 +- 0.0048; curvature teleports with the
+released step sizes do not move psi at all (|T| ~ 1e-4); with 500x larger steps psi moves by +50% /
+-15% and the test loss does not (-0.0003 +- 0.0073 / -0.0010 +- 0.0020). The sharpness teleports
+change phi only through the loss itself (d phi per teleport = loss drift per teleport), and under
+AdaGrad every teleport arm is indistinguishable from reset-only except sharpness increase, which
+matches its perturb-only control.
 """
 import math
 import os
@@ -59,9 +68,14 @@ TELE_BATCH_SIZE = 2000  # images per teleport batch (random subset of the traini
 SHARP_STEPS = 10  # gradient steps on T per teleport batch, sharpness
 SHARP_LR = None  # {"increase": x, "decrease": y}; None = per dataset
 SHARP_TS = [0.0001, 0.02, 0.001]  # displacements of eq. (4): start, stop (excluded), step
+# (eq. 4 as the paper: one unit-sphere direction per displacement. The authors' teleport_sharpness
+#  uses 100 positive-orthant directions per t = 0.1..0.9 and ignores its t_start/t_end arguments.)
 SHARP_STOP_ABOVE = 2.0  # stop a model's sharpness teleport once phi exceeds this
 CURV_STEPS = 1  # gradient steps on T per teleport batch, curvature
 CURV_LR = None  # {"increase": x, "decrease": y}; None = per dataset
+# (The paper, Algorithm 1: gradient steps on the whole algebra element T. The authors' code instead
+#  climbs a scalar t along one unnormalised random M on one pair, so its step sizes move T far less
+#  here: |T| ~ 1e-4 on MNIST; see README.)
 CURV_CURVES = 1  # random curves per psi evaluation inside the teleport (the authors: 1)
 EVAL_BATCH_SIZE = 500  # fixed training batch on which phi and psi are measured
 EVAL_CURVES = 4  # fixed random curves for the measured psi
@@ -318,6 +332,7 @@ def summary(res):
     of phi and psi from the branch point to right after the teleports, and the teleport's drift."""
     rows = []
     b = res["landscape"]["branch"]
+    base = {k: np.asarray(res["curves"]["baseline"][k])[:, -1] for k in ("test_loss", "train_loss")}
     for a in res["arms"]:
         c = res["curves"][a]
         te, acc, tr = (np.asarray(c[k])[:, -1] for k in ("test_loss", "test_acc", "train_loss"))
@@ -332,6 +347,9 @@ def summary(res):
         else:
             drift = 0.0
         rows.append({"arm": a, "test_loss": float(te.mean()), "test_loss_std": float(te.std()),
+                     "dtest_paired": float((te - base["test_loss"]).mean()),
+                     "dtest_paired_std": float((te - base["test_loss"]).std()),
+                     "dtrain_paired": float((tr - base["train_loss"]).mean()),
                      "test_acc": float(acc.mean()), "test_acc_std": float(acc.std()),
                      "train_loss": float(tr.mean()), "gap": float((te - tr).mean()),
                      "dphi": float(np.mean(np.subtract(after["phi"], b["phi"]))),
@@ -342,10 +360,13 @@ def summary(res):
 
 def table_markdown(rows):
     from lib.results import markdown_table
-    header = ["arm", "test loss", "test acc (%)", "train loss", "gap test-train", "d phi (fixed batch)",
+    header = ["arm", "test loss", "test loss - baseline (same seed)", "test acc (%)", "train loss",
+              "train loss - baseline", "gap test-train", "d phi (fixed batch)",
               "d psi (fixed batch)", "d objective/teleport", "loss drift/teleport"]
     return markdown_table(header, [[r["arm"], f"{r['test_loss']:.4f} ± {r['test_loss_std']:.4f}",
+                                    f"{r['dtest_paired']:+.4f} ± {r['dtest_paired_std']:.4f}",
                                     f"{r['test_acc']:.2f} ± {r['test_acc_std']:.2f}", f"{r['train_loss']:.4f}",
+                                    f"{r['dtrain_paired']:+.4f}",
                                     f"{r['gap']:.4f}", f"{r['dphi']:+.2e}", f"{r['dpsi']:+.2e}",
                                     "-" if math.isnan(r["dobjective_per_teleport"]) else f"{r['dobjective_per_teleport']:+.2e}",
                                     f"{r['drift_per_teleport']:+.2e}"] for r in rows])
@@ -357,41 +378,51 @@ STYLE = {"baseline": ("baseline", None), "increase": ("increase", None), "decrea
 
 
 def plot(res, kind, path):
-    """Mean test loss (solid) and train loss (dashed) vs epoch, +-1 std over runs: left the whole
-    run, right zoomed on the epochs after the branch."""
+    """Left: mean test loss (solid) and train loss (dashed) vs epoch, +-1 std over runs; the arms
+    drawn from the branch epoch on. Right: the same minus the baseline of the same seed (paired),
+    after the branch: the effect of each arm, which is small next to the train-test gap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from lib.results import COLORS, plot_mean_std, save_figure
     cfg = res["config"]
-    arms = {"baseline": "baseline"}
-    for d in ("decrease", "increase"):
-        if f"{kind}-{d}" in res["arms"]:
-            arms[d] = f"{kind}-{d}"
+    arms = {}
+    for d in ("decrease", "increase"):  # controls first, so the teleport arms are drawn on top
         if f"perturb-only ({kind}-{d})" in res["arms"]:
             arms[f"perturb-{d}"] = f"perturb-only ({kind}-{d})"
     if "reset-only" in res["arms"]:
         arms["reset-only"] = "reset-only"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for d in ("decrease", "increase"):
+        if f"{kind}-{d}" in res["arms"]:
+            arms[d] = f"{kind}-{d}"
+    arms["baseline"] = "baseline"
     first = cfg["BRANCH_EPOCH"]
-    for ax, start in zip(axes, (0, max(first - 1, 0))):
-        for key, arm in arms.items():
-            colour_key, marker = STYLE[key]
-            c = res["curves"][arm]
-            x = np.arange(1, len(c["test_loss"][0]) + 1)
-            sel = slice(start, None)
-            label = "teleport (" + key + ")" if key in ("increase", "decrease") else arm
-            for name, ls in (("test_loss", "-"), ("train_loss", "--")):
-                with matplotlib.rc_context({"lines.markersize": 3.5}):
-                    plot_mean_std(ax, x[sel], np.asarray(c[name])[:, sel], label=label if name == "test_loss" else None,
-                                  color=COLORS[colour_key], linestyle=ls + (marker or ""),
-                                  alpha=0.15 if marker is None else 0.07)
+    base = {k: np.asarray(res["curves"]["baseline"][k]) for k in ("test_loss", "train_loss")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, arm in arms.items():
+        colour_key, marker = STYLE[key]
+        c = {k: np.asarray(res["curves"][arm][k]) for k in ("test_loss", "train_loss")}
+        x = np.arange(1, c["test_loss"].shape[1] + 1)
+        sel = slice(0 if arm == "baseline" else max(first - 1, 0), None)
+        label = f"teleport ({key})" if key in ("increase", "decrease") else arm
+        alpha = 0.15 if marker is None else 0.07
+        for name, ls in (("test_loss", "-"), ("train_loss", "--")):
+            fmt, lab = ls + (marker or ""), label if name == "test_loss" else None
+            with matplotlib.rc_context({"lines.markersize": 3.5}):
+                plot_mean_std(axes[0], x[sel], c[name][:, sel], label=lab, color=COLORS[colour_key],
+                              linestyle=fmt, alpha=alpha)
+                after = slice(max(first - 1, 0), None)
+                plot_mean_std(axes[1], x[after], (c[name] - base[name])[:, after], label=lab,
+                              color=COLORS[colour_key], linestyle=fmt, alpha=alpha)
+    for ax in axes:
         ax.axvline(first, color="k", lw=0.6, ls=":")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("loss (test solid, train dashed)")
+    axes[0].set_ylabel("loss (test solid, train dashed)")
+    axes[1].set_ylabel("loss minus baseline, same seed")
     axes[0].set_title(f"{cfg['DATASET']}, {cfg['OPTIMIZER']}: teleport to change {kind}")
-    axes[1].set_title(f"after the teleport at epoch {first}")
+    axes[1].set_title(f"effect of the arms (teleports in the first {cfg['TELE_BATCHES']} batches after epoch {first})",
+                      fontsize=10)
     axes[1].legend(fontsize=8)
     save_figure(fig, path)
 
@@ -417,10 +448,10 @@ def main(cfg):
         save_json(json_path, res)
     with atomic_path(os.path.join(res_dir, f"{stem}_table.md")) as tmp, open(tmp, "w") as fh:
         fh.write(table_markdown(res["summary"]) + "\n")
-    for kind in ("sharpness", "curvature"):
+    for kind in [k for k in ("sharpness", "curvature") if any(a.startswith(k) for a in res["arms"])]:
         plot(res, kind, os.path.join(fig_dir, f"{stem}_{kind}.png"))
     for r in res["summary"]:
-        print(format_row({k: v for k, v in r.items() if not k.endswith("_std")}, {"arm": 34}))
+        print(format_row({k: v for k, v in r.items() if not k.endswith("_std")}, {"arm": 34}))  # noqa: E501
     print(table_markdown(res["summary"]))
     t = res["time_s"]
     print(f"time: {t['phase1']:.0f} s for epochs 0-{cfg['BRANCH_EPOCH']} ({t['per_epoch_phase1']:.2f} s/epoch), "
