@@ -14,8 +14,9 @@ protocol (8 batches of 200, 10 steps, all 5 seeds) against one batched training 
 
 CPU runtime: about a minute on the 4,000-image subset (2 shared cores). Measured there (median of 5,
 load average 10-13): textbook 0.93 s, per-seed 0.30 s, batched 0.083 s per seed-epoch, i.e.
-batched 11.3x faster than the textbook loop (3.1x from preloading, 3.6x from batching), short
-of the 20x target; one teleport moment = 5 batched epochs of 4,000 images = 0.4 of a
+batched 11.3x faster than the textbook loop (3.1x from preloading, 3.6x from batching); at load
+3.5: 0.29 / 0.099 / 0.027 s, 10.8x. Short of the 20x target (torch.optim.Adagrad with
+foreach=True: no gain). One teleport moment = 5 batched epochs of 4,000 images = 0.4 of a
 50,000-image epoch.
 """
 import os
