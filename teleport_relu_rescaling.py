@@ -31,7 +31,7 @@ results/rescaling/<tag>_stepsize_sweep.json).
 
 Outputs: figures/rescaling/<tag>_<activation>_<optimizer>_{loss,drift}.png,
 results/rescaling/<tag>_<activation>_<optimizer>.json, results/rescaling/<tag>_table.{json,md}
-(<tag> = dataset, plus the widths when not the default).
+(<tag> = dataset, plus the widths when not the default, plus TAG when given).
 CPU runtime (2 shared cores, 4,000-image MNIST subset): see README (about 10 minutes for the protocol).
 Headline (mnist5k, see README): rescaling keeps the test loss to ~1e-7 relative (float32 round-off)
 while GL(46) drifts it by percent; the gradient-norm gains and the effect on the loss curves are in the table.
@@ -68,20 +68,22 @@ TELE_EPOCHS = [0, 2]           # teleport at the start of these epochs (0-based)
 TELE_BATCHES = 8               # teleports per teleport epoch, before mini-batches 0..TELE_BATCHES-1
 TELE_BATCH_SIZE = 200          # images per teleport batch (a second batch measures held-out drift)
 TELE_STEPS = 10                # gradient-ascent steps per teleport
-TELE_LR = {"gl46": 3e-3, "gl46-last": 3e-3, "rescale": 3e-1}  # ascent step size per action (tuned)
+OBJECTIVE = "log_grad_norm"    # ascent on log ||grad L||^2 (steps relative to ||grad L||^2) or grad_norm
+TELE_LR = {"gl46": 1e-3, "gl46-last": 1e-3, "rescale": 1e-2}  # ascent step size per action (tuned, --tune)
 GL_GROUP = "first_order"       # GL element from T: first_order (g = I + T, the authors') or exp
 REJECT_DRIFT = 0.1             # undo a model's teleport if its loss on the teleport batch moved more (relative)
 OPT_STATE = "reset"            # optimizer state after a teleport: reset, keep or transport
 TELE_SEED = 2024               # seed of the teleport batches (the same in every arm)
 REPORT_EPOCHS = [1, 5, 20]     # epochs (1-based) whose losses go into the table
 TUNE = False                   # True: run the step-size sweep instead of the protocol
-TUNE_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]  # step sizes tried by the sweep
+TUNE_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]  # step sizes tried by the sweep
 TUNE_MAX_UNDONE = 0.1          # sweep: step sizes with more teleports undone (fraction) are not chosen
 TUNE_EPOCHS = 3                # epochs per sweep run (covers the teleports of epochs 0 and 2)
 PLOT_ONLY = False              # True: redraw figures and table from saved results, no training
 DATA_DIR = "data"              # folder in torchvision's layout (--data-dir)
 DEVICE = "cpu"                 # cpu, cuda or auto (--device)
 OUT_DIR = "."                  # figures/ and results/ go under this folder
+TAG = ""                       # extra name for the output files of a variant run, e.g. "big-steps"
 PROGRESS = True                # tqdm progress bars
 FIG_DPI = 150                  # resolution of the PNG figures
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +100,7 @@ _ACTIONS = {"gl46": lambda group: GLAction(46, group),                  # eq. (4
            "gl46-last": lambda group: GLAction(46, group, pairs=[-1]),  # eq. (46), (W_L, W_{L-1})
            "rescale": lambda group: RescaleAction()}                   # every hidden layer
 _ARM_NAMES = ("none", "reset-only", *_ACTIONS)
+_OBJECTIVES = ("log_grad_norm", "grad_norm")
 _FLOOR = 1e-10                  # drift plotted at this floor where it is exactly 0 (log scale)
 
 
@@ -110,6 +113,7 @@ def validate(cfg):
     for name in cfg["ARMS"]:
         check_choice("arm", name, _ARM_NAMES)
     check_choice("optimizer-state strategy", cfg["OPT_STATE"], _STRATEGIES)
+    check_choice("objective", cfg["OBJECTIVE"], _OBJECTIVES)
     group_element(torch.zeros(1, 1, 1), cfg["GL_GROUP"])
     check_positive("learning rate", cfg["LR"])
     for name in ("EPOCHS", "BATCH_SIZE", "TELE_BATCH_SIZE", "TRAIN_SIZE", "TUNE_EPOCHS"):
@@ -131,12 +135,15 @@ def validate(cfg):
     widths = cfg["WIDTHS"] or DATASET_DEFAULTS[cfg["DATASET"]]["WIDTHS"]
     if len(widths) < 3 or any(int(w) != w or w < 1 for w in widths):
         raise UsageError(f"WIDTHS must list >= 3 positive integers (at least one hidden layer), got {widths}")
+    if not all(c.isalnum() or c in "-." for c in cfg["TAG"]):
+        raise UsageError(f"TAG may hold letters, digits, '-' and '.', got {cfg['TAG']!r}")
     return list(widths)
 
 
 def tag_of(cfg, widths):
     default = DATASET_DEFAULTS[cfg["DATASET"]]["WIDTHS"]
-    return cfg["DATASET"] if widths == default else f"{cfg['DATASET']}_w{'-'.join(map(str, widths[1:-1]))}"
+    tag = cfg["DATASET"] if widths == default else f"{cfg['DATASET']}_w{'-'.join(map(str, widths[1:-1]))}"
+    return f"{tag}_{cfg['TAG']}" if cfg["TAG"] else tag
 
 
 class DriftHook:
@@ -150,8 +157,9 @@ class DriftHook:
     rank-deficient, e.g. with dead ReLU units; a too large rescaling step overflows exp(a).)
     The optimizer-state strategy still runs, as it would after a teleport."""
 
-    def __init__(self, hook, data, act, reject_drift=float("inf")):
+    def __init__(self, hook, data, act, reject_drift=float("inf"), log_objective=False):
         self.hook, self.data, self.act, self.reject_drift = hook, data, act, reject_drift
+        self.log_objective = log_objective
 
     def __call__(self, epoch, i):
         h = self.hook
@@ -181,7 +189,18 @@ class DriftHook:
             for w, b in zip(h.W, backup):
                 w[bad] = b[bad]
         after = evaluate(h.W, self.data.x_test, self.data.y_test, self.act)[0]
+        for k in ("before", "after"):
+            if f"objective_{k}" in rec:
+                v = torch.tensor(rec[f"objective_{k}"], dtype=torch.float64)
+                rec[f"grad_norm_{k}"] = (v.exp() if self.log_objective else v).tolist()
         rec.update(test_loss_before=before.tolist(), test_loss_after=after.tolist(), failed=bad.tolist())
+
+
+def objective(name, act):
+    """The teleport objective: ||grad L||^2 (Section 5.1), or its log, whose gradient is that of
+    ||grad L||^2 divided by ||grad L||^2: the same ascent direction, with steps relative in size."""
+    grad_norm = make_objective("grad_norm", act)
+    return grad_norm if name == "grad_norm" else (lambda W, X, Y: grad_norm(W, X, Y).log())
 
 
 def run_arm(cfg, arm, data, widths, act, optimizer, epochs, tele_lr, desc=""):
@@ -196,9 +215,9 @@ def run_arm(cfg, arm, data, widths, act, optimizer, epochs, tele_lr, desc=""):
     if arm in _ACTIONS:
         tele = TeleportHook(W, opt, data, act, cfg["TELE_EPOCHS"], cfg["TELE_BATCHES"], cfg["TELE_BATCH_SIZE"],
                             torch.Generator().manual_seed(cfg["TELE_SEED"]), strategy=cfg["OPT_STATE"],
-                            objective=make_objective("grad_norm", act), action=_ACTIONS[arm](cfg["GL_GROUP"]),
+                            objective=objective(cfg["OBJECTIVE"], act), action=_ACTIONS[arm](cfg["GL_GROUP"]),
                             steps=cfg["TELE_STEPS"], lr=tele_lr)
-        hook = DriftHook(tele, data, act, cfg["REJECT_DRIFT"])
+        hook = DriftHook(tele, data, act, cfg["REJECT_DRIFT"], cfg["OBJECTIVE"] == "log_grad_norm")
     hist = fit(W, opt, data, act, epochs, cfg["BATCH_SIZE"], hook=hook, desc=desc, progress=cfg["PROGRESS"])
     return hist, ([] if hook is None else hook.hook.records)
 
@@ -220,7 +239,7 @@ def rel_drift(recs, key):
 def gain(recs):
     """||grad L||^2 after / before on the teleport batch: (n_teleports, K)."""
     with np.errstate(invalid="ignore"):
-        return per_teleport(recs, "objective_after") / per_teleport(recs, "objective_before")
+        return per_teleport(recs, "grad_norm_after") / per_teleport(recs, "grad_norm_before")
 
 
 def _nanstat(f, x):
@@ -256,7 +275,7 @@ def color(arm):
 
 def plot_loss(res, path, dpi):
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for arm, r in res["arms"].items():
         h = r["history"]
         E = len(h["train_loss"])
@@ -269,13 +288,13 @@ def plot_loss(res, path, dpi):
         ax.set(xlabel="epoch", ylabel=name, yscale="log")
         ax.legend()
     fig.suptitle(f"{res['tag']}, {res['activation']}, {res['optimizer']} (mean ± std over {len(res['config']['SEEDS'])} seeds; "
-                 f"dotted: teleport epochs)", fontsize=9)
+                 f"dotted: teleport epochs; SGD has no state, so reset-only = none)", fontsize=9)
     save_figure(fig, path, dpi)
 
 
 def plot_drift(res, path, dpi):
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
     panels = (("objective", "||grad L||² after / before (teleport batch)"),
               ("loss", "|ΔL| / L on the teleport batch"), ("test_loss", "|ΔL| / L on the test set"))
     for arm, r in res["arms"].items():
@@ -353,7 +372,7 @@ def tune(cfg, data, widths, res_dir, tag):
                      else min(scores[arm], key=scores[arm].get))
         print(f"{arm}: best teleport step size {best[arm]:g} (undone, mean train loss: {scores[arm][best[arm]]})",
               flush=True)
-    save_json(os.path.join(res_dir, f"{tag}_stepsize_sweep.json"),
+    save_json(os.path.join(res_dir, f"{tag}_stepsize_sweep_{'_'.join(scores)}.json"),
               {"config": cfg, "environment": environment(), "rows": rows, "best": best,
                "scores": {a: [[lr, *v] for lr, v in sc.items()] for a, sc in scores.items()}})
     return best

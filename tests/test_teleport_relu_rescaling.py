@@ -27,13 +27,13 @@ def _per_sample(W, X, Y, act):
     return torch.stack([losses_per_model(out[:, i:i + 1], Y[i:i + 1]) for i in range(X.shape[0])], 1)
 
 
-def _teleport_once(arm, data, act, lr, reject_drift=float("inf")):
+def _teleport_once(arm, data, act, lr, reject_drift=float("inf"), obj="grad_norm"):
     W, opt = make_model([784, 16, 10, 10], [0, 1, 2], "sgd", 1e-2)
     tele = TeleportHook(W, opt, data, act, [0], 1, 40, torch.Generator().manual_seed(3),
-                        objective=make_objective("grad_norm", act), action=script._ACTIONS[arm]("first_order"),
+                        objective=script.objective(obj, act), action=script._ACTIONS[arm]("first_order"),
                         steps=5, lr=lr)
     before = [w.detach().clone() for w in W]
-    script.DriftHook(tele, data, act, reject_drift)(0, 0)
+    script.DriftHook(tele, data, act, reject_drift, obj == "log_grad_norm")(0, 0)
     return before, [w.detach().clone() for w in W], tele.records[0]
 
 
@@ -50,6 +50,16 @@ def test_rescaling_teleport_keeps_every_sample_loss_and_grows_grad_norm(fake_roo
     # the recorded whole-test-set drift agrees
     for b, a in zip(rec["test_loss_before"], rec["test_loss_after"]):
         assert abs(a - b) / b < 1e-5
+
+
+def test_log_objective_climbs_the_same_grad_norm(fake_root):
+    data, act = load("MNIST", fake_root, train_size=200), activation("relu")
+    _, after, rec = _teleport_once("rescale", data, act, lr=0.3, obj="log_grad_norm")
+    W = [w.clone().requires_grad_() for w in after]
+    idx = torch.randperm(200, generator=torch.Generator().manual_seed(3))[:40]  # TeleportHook's batch
+    direct = make_objective("grad_norm", act)(W, data.x_train[idx], data.y_train[idx]).detach()
+    assert torch.allclose(direct, torch.tensor(rec["grad_norm_after"], dtype=direct.dtype), rtol=1e-4)
+    assert all(a > 1.05 * b for a, b in zip(rec["grad_norm_after"], rec["grad_norm_before"]))
 
 
 def test_gl46_drifts_the_test_loss_where_rescaling_does_not(fake_root):
@@ -79,11 +89,11 @@ def test_gl46_last_pair_only_moves_the_last_two_layers(fake_root):
 def test_summarize_reads_the_right_epochs_and_drifts():
     hist = {"train_loss": [[3.0, 1.0], [2.0, 2.0], [1.0, 0.0]], "test_loss": [[5.0, 5.0], [4.0, 2.0], [1.0, 1.0]],
             "test_acc": [[0, 0], [0, 0], [50.0, 70.0]], "time_s": [1.0, 2.0, 3.0]}
-    recs = [{"objective_before": [1.0, 2.0], "objective_after": [2.0, 8.0], "loss_before": [1.0, 1.0],
+    recs = [{"grad_norm_before": [1.0, 2.0], "grad_norm_after": [2.0, 8.0], "loss_before": [1.0, 1.0],
              "loss_after": [1.1, 1.0], "heldout_loss_before": [2.0, 2.0], "heldout_loss_after": [2.0, 1.0],
              "test_loss_before": [4.0, 4.0], "test_loss_after": [3.0, 4.0], "time_s": 0.5,
              "failed": [False, False]},
-            {"objective_before": [1.0, 1.0], "objective_after": [1e9, 1.0], "loss_before": [1.0, 1.0],
+            {"grad_norm_before": [1.0, 1.0], "grad_norm_after": [1e9, 1.0], "loss_before": [1.0, 1.0],
              "loss_after": [9.0, 1.0], "heldout_loss_before": [1.0, 1.0], "heldout_loss_after": [9.0, 1.0],
              "test_loss_before": [1.0, 1.0], "test_loss_after": [9.0, 1.0], "time_s": 0.5,
              "failed": [True, False]}]
