@@ -73,8 +73,10 @@ PAPER = {"sharpness": {"MNIST": 0.704, "FashionMNIST": 0.790, "CIFAR10": 0.899},
 _QUICK = dict(DATASET="MNIST", N_MODELS=4, EPOCHS=2, TRAIN_SIZE=200, N_DRAWS=3, METRIC_BATCH=40)
 EXPERIMENT = "correlation"
 METRICS = ("phi_sphere", "phi_orthant", "psi")
+EXCESS = ("phi_sphere_excess", "phi_orthant_excess")  # phi - L(w) on the same draw batches
 LABELS = {"phi_sphere": "sharpness (sphere)", "phi_orthant": "sharpness (positive orthant)",
-          "psi": "curvature"}
+          "psi": "curvature", "phi_sphere_excess": "excess sharpness phi - L(w) (sphere)",
+          "phi_orthant_excess": "excess sharpness phi - L(w) (positive orthant)"}
 
 
 def displacements(p):
@@ -104,12 +106,13 @@ def measure(W, data, act, ts, n_draws, batch, chunk, psi_dtype=torch.float64, pr
     the means over n_draws draws of L(w + t_i d_i) over the displacements ts, and of the
     curvature (eq. 47) of exp(tM).w at t = 0 under eq. (54) on all pairs. Models go through in
     chunks of `chunk` (all n_t * chunk perturbed models in one forward pass).
-    W: list of (K, out, in). Returns {name: (K,) tensor}."""
+    Also loss_w, the mean of L(w) itself over the same draw batches (phi - loss_w is the part of
+    phi that the displacements add). W: list of (K, out, in). Returns {name: (K,) tensor}."""
     from tqdm import tqdm
     K = W[0].shape[0]
     W = [w.detach() for w in W]
     Wd = [w.to(psi_dtype) for w in W]
-    sums = {m: torch.zeros(K, dtype=torch.float64) for m in METRICS}
+    sums = {m: torch.zeros(K, dtype=torch.float64) for m in (*METRICS, "loss_w")}
     for j in tqdm(range(n_draws), desc="phi, psi", disable=not progress, leave=False, dynamic_ncols=True):
         X, Y, Ms, d_sph, d_pos = draw(j, data, W, len(ts), batch)
         Ms, Xd = [M.to(psi_dtype) for M in Ms], X.to(psi_dtype)
@@ -117,6 +120,7 @@ def measure(W, data, act, ts, n_draws, batch, chunk, psi_dtype=torch.float64, pr
             Wc, sl = [w[s:s + chunk] for w in W], slice(s, s + chunk)
             sums["phi_sphere"][sl] += _phi(Wc, X, Y, act, ts, d_sph).double().cpu()
             sums["phi_orthant"][sl] += _phi(Wc, X, Y, act, ts, d_pos).double().cpu()
+            sums["loss_w"][sl] += _phi(Wc, X, Y, act, [0.0], [d[:1] for d in d_sph]).double().cpu()
             sums["psi"][sl] += curvature([w[sl] for w in Wd], Xd, act, Ms).double().cpu()
     return {m: v / n_draws for m, v in sums.items()}
 
@@ -141,7 +145,7 @@ def correlations(res, control):
     from scipy.stats import pearsonr
     val, tr = res["val_loss"], res[f"train_loss_{control}"]
     out = {}
-    for m in METRICS:
+    for m in (*METRICS, *EXCESS):
         r, p = pearsonr(res[m], val)
         rt, pt = pearsonr(res[m], tr)
         rp, pp = partial_corr(res[m], val, tr)
@@ -192,6 +196,7 @@ def run_dataset(name, cfg, res_dir):
            "val_loss": hist["test_loss"][-1], "val_acc": hist["test_acc"][-1],
            "train_loss_epoch_mean": hist["train_loss"][-1], "train_loss_final": training["train_loss_final"],
            **{k: v.tolist() for k, v in m.items()}, "displacements": displacements(p),
+           **{f"{k}_excess": (m[k] - m["loss_w"]).tolist() for k in ("phi_sphere", "phi_orthant")},
            "train_time_s": training["train_time_s"], "metric_time_s": metric_time}
     res["correlations"] = correlations(res, cfg["CONTROL"])
     save_json(os.path.join(res_dir, f"{name}.json"), {"config": cfg, "environment": environment(), **res})
@@ -247,6 +252,10 @@ def table(res_dir):
         rows.append([f"{LABELS[m]}: r with val. loss"] + [v for n in found for v in (cell(n, "r_val"), pap(n))])
         rows.append([f"{LABELS[m]}: partial r given train loss"] + [v for n in found for v in (cell(n, "partial_r_val"), "-")])
         rows.append([f"{LABELS[m]}: r with train loss"] + [v for n in found for v in (cell(n, "r_train"), "-")])
+    for m in EXCESS:
+        cell = lambda n, k: found[n]["correlations"][m][k]  # noqa: E731
+        rows.append([f"{LABELS[m]}: r with val. loss"] + [v for n in found for v in (cell(n, "r_val"), "-")])
+        rows.append([f"{LABELS[m]}: partial r given train loss"] + [v for n in found for v in (cell(n, "partial_r_val"), "-")])
     rows.append(["train loss: r with val. loss"] + [v for n in found for v in (found[n]["correlations"]["train_loss"]["r_val"], "-")])
     sizes = ", ".join(f"{n}: {f['n_models'] if 'n_models' in f else len(f['seeds'])} models, "
                       f"{f['n_train']} train / {f['n_test']} test images" for n, f in found.items())

@@ -7,7 +7,7 @@ import torch
 from torch.func import jvp
 
 from lib.actions import GLAction
-from lib.models import loss_fn
+from lib.models import forward, loss_fn, losses_per_model
 
 
 def grad_norm_sq(W, X, Y, act, loss="ce", precond=None):
@@ -44,9 +44,16 @@ def sharpness(W, X, Y, act, ts, dirs, loss="ce"):
     All n*K perturbed models go through one batched forward pass."""
     K, n = W[0].shape[0], len(ts)
     ts = torch.as_tensor(ts, dtype=W[0].dtype, device=W[0].device).view(n, 1, 1, 1)
+    shared = X.dim() == 2 and dirs[0].dim() == 3 and len(W) > 1
     Wp = [(w.unsqueeze(0) + ts * (d if d.dim() == 4 else d.unsqueeze(1))).reshape(n * K, *w.shape[1:])
-          for w, d in zip(W, dirs)]
-    return loss_fn(Wp, X, Y, act, loss).view(n, K).mean(0)
+          for w, d in zip(W[1:] if shared else W, dirs[1:] if shared else dirs)]
+    if not shared:
+        return loss_fn(Wp, X, Y, act, loss).view(n, K).mean(0)
+    # shared X and directions: the first layer is linear, X (w + t d)^T = X w^T + t X d^T, so it
+    # costs K + n first-layer products instead of n * K (same values up to rounding)
+    z = forward(W[:1], X, act).unsqueeze(0) + ts * forward(dirs[:1], X, act).unsqueeze(1)
+    out = forward(Wp, act(z.reshape(n * K, *z.shape[2:])), act)
+    return losses_per_model(out, Y, loss).view(n, K).mean(0)
 
 
 def random_lie_elements(W, generator=None, pairs=None):

@@ -35,14 +35,15 @@ def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_pa
     K = correlation._QUICK["N_MODELS"]
     assert res["n_train"] == 120 and res["n_test"] == 60  # all training images when fewer than TRAIN_SIZE
     assert res["config"]["QUICK"] and res["environment"]["torch"] == torch.__version__
-    for m in ("phi_sphere", "phi_orthant", "psi", "val_loss", "train_loss_final"):
+    for m in ("phi_sphere", "phi_orthant", "psi", "val_loss", "train_loss_final", "loss_w", "phi_sphere_excess"):
         assert len(res[m]) == K and all(np.isfinite(res[m]))
+    assert np.allclose(np.array(res["phi_sphere"]) - res["loss_w"], res["phi_sphere_excess"])
     assert all(p > 0 for p in res["psi"])
     # sharpness averages losses at displaced weights: above the loss at the minimum on average
     assert np.mean(res["phi_sphere"]) > np.mean(res["train_loss_final"]) - 0.5
     assert "| sharpness (sphere): r with val. loss |" in (res_dir / "table1.md").read_text()
     csv = (res_dir / "table1.csv").read_text().splitlines()
-    assert csv[0] == "measure,MNIST ours,MNIST paper" and len(csv) == 11
+    assert csv[0] == "measure,MNIST ours,MNIST paper" and len(csv) == 15
     # metrics again from the saved weights (weights_only load): the same numbers, no training
     cfg = configure(vars(correlation), args + ["--skip-training"], correlation._QUICK)
     mtime = (res_dir / "MNIST_weights.pt").stat().st_mtime_ns
@@ -140,3 +141,22 @@ def test_forward_shared_input_gemm_equals_per_model_matmul():
             h = ACT(h @ w[k].T)
         assert torch.allclose(shared[k], h @ W[-1][k].T, atol=1e-12)
     assert torch.allclose(forward(W[:1], X, ACT), torch.einsum("bi,koi->kbo", X, W[0]), atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_sharpness_shared_directions_equals_perturbed_models(loss):
+    # lib.metrics.sharpness splits the first layer X (w + t d)^T = X w^T + t X d^T when the
+    # directions are shared; it must equal the loss of the n * K explicitly perturbed models
+    from lib.metrics import random_directions, sharpness
+    from lib.models import loss_fn
+    W = init_mlp([12, 7, 5, 3], [1, 2, 3], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(9, 12, generator=gen, dtype=torch.float64)
+    Y = torch.randint(3, (9,), generator=gen) if loss == "ce" else torch.rand(9, 3, generator=gen, dtype=torch.float64)
+    ts = [0.5, 1.0, 2.0, 3.0]
+    D = random_directions(W, 4, "sphere", gen)
+    naive = torch.stack([loss_fn([w + t * d for w, d in zip(W, [d[i] for d in D])], X, Y, ACT, loss)
+                         for i, t in enumerate(ts)]).mean(0)
+    assert torch.allclose(sharpness(W, X, Y, ACT, ts, D, loss), naive, atol=1e-12)
+    per_model = [d.unsqueeze(1).expand(-1, 3, -1, -1) for d in D]  # the general (n, K, ...) path
+    assert torch.allclose(sharpness(W, X, Y, ACT, ts, per_model, loss), naive, atol=1e-12)
