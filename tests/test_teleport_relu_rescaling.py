@@ -10,7 +10,7 @@ import torch
 import teleport_relu_rescaling as script
 from lib.config import configure, run
 from lib.data import load, write_fake
-from lib.models import activation, forward, losses_per_model
+from lib.models import activation, forward
 from lib.teleport import make_objective
 from lib.train import TeleportHook, make_model
 
@@ -23,12 +23,13 @@ def fake_root(tmp_path_factory):
 
 
 def _per_sample(W, X, Y, act):
+    """Cross-entropy of every sample under every model, (K, B)."""
     out = forward(W, X, act)  # (K, B, C)
-    return torch.stack([losses_per_model(out[:, i:i + 1], Y[i:i + 1]) for i in range(X.shape[0])], 1)
+    return torch.nn.functional.cross_entropy(out.transpose(1, 2), Y.expand(out.shape[0], -1), reduction="none")
 
 
 def _teleport_once(arm, data, act, lr, reject_drift=float("inf"), obj="grad_norm"):
-    W, opt = make_model([784, 16, 10, 10], [0, 1, 2], "sgd", 1e-2)
+    W, opt = make_model([784, 16, 10, 10], [0, 1], "sgd", 1e-2)
     tele = TeleportHook(W, opt, data, act, [0], 1, 40, torch.Generator().manual_seed(3),
                         objective=script.objective(obj, act), action=script._ACTIONS[arm]("first_order"),
                         steps=5, lr=lr)
@@ -73,7 +74,7 @@ def test_gl46_drifts_the_test_loss_where_rescaling_does_not(fake_root):
 def test_a_teleport_that_moves_its_batch_loss_too_much_is_undone(fake_root):
     data, act = load("MNIST", fake_root, train_size=200), activation("leaky_relu")
     before, after, rec = _teleport_once("gl46", data, act, lr=0.01, reject_drift=1e-6)
-    assert rec["failed"] == [True, True, True]
+    assert rec["failed"] == [True, True]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert rec["test_loss_after"] == rec["test_loss_before"]
 
@@ -121,7 +122,7 @@ def test_bad_input_is_one_line_error(argv, message, capsys):
 
 
 QUICK_ARGS = ["--quick", "--progress=False", "--arms=['none', 'reset-only', 'gl46', 'rescale']",
-              "--activations=['relu']"]
+              "--activations=['relu']", "--optimizers=['adagrad']"]
 
 
 @pytest.mark.slow
@@ -132,16 +133,16 @@ def test_quick_run_as_a_subprocess(fake_root, tmp_path):
                          cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| relu | adagrad | rescale |" in out.stdout
-    assert len(os.listdir(tmp_path / "figures" / "rescaling")) == 4
+    assert len(os.listdir(tmp_path / "figures" / "rescaling")) == 2
 
 
 def test_quick_run_writes_figures_json_and_table(fake_root, tmp_path):
     run(script.main, vars(script), script._QUICK, argv=[f"--data-dir={fake_root}", f"--out-dir={tmp_path}", *QUICK_ARGS])
     fig_dir, res_dir = tmp_path / "figures" / "rescaling", tmp_path / "results" / "rescaling"
     figs = sorted(os.listdir(fig_dir))
-    assert figs == sorted(f"MNIST_relu_{o}_{k}.png" for o in ("sgd", "adagrad") for k in ("loss", "drift"))
+    assert figs == ["MNIST_relu_adagrad_drift.png", "MNIST_relu_adagrad_loss.png"]
     assert all((fig_dir / f).stat().st_size > 2000 for f in figs)
-    res = json.load(open(res_dir / "MNIST_relu_sgd.json"))
+    res = json.load(open(res_dir / "MNIST_relu_adagrad.json"))
     cfg = configure(vars(script), ["--quick"], script._QUICK)
     assert res["config"]["EPOCHS"] == cfg["EPOCHS"] == 3 and "torch" in res["environment"]
     assert list(res["arms"]) == ["none", "reset-only", "gl46", "rescale"]
@@ -152,11 +153,14 @@ def test_quick_run_writes_figures_json_and_table(fake_root, tmp_path):
     assert res["arms"]["rescale"]["summary"]["grad_gain_median"] > 1
     assert len(res["arms"]["gl46"]["history"]["test_loss"]) == 3
     table = json.load(open(res_dir / "MNIST_table.json"))
-    assert len(table["rows"]) == 2 * 4 and len(table["header"]) == len(table["rows"][0])
-    assert (res_dir / "MNIST_table.md").read_text().count("\n") == 2 + 8
+    assert len(table["rows"]) == 4 and len(table["header"]) == len(table["rows"][0])
+    assert (res_dir / "MNIST_table.md").read_text().count("\n") == 2 + 4
+    # Adagrad has state: the reset alone changes the run, so reset-only is a real control
+    h = {a: res["arms"][a]["history"]["train_loss"][-1] for a in ("none", "reset-only")}
+    assert h["none"] != h["reset-only"]
     assert not [f for f in os.listdir(res_dir) if f.startswith(".tmp") or f.endswith(".pt")]
     # the figures can be redrawn from the saved results alone
-    os.remove(fig_dir / "MNIST_relu_sgd_loss.png")
+    os.remove(fig_dir / "MNIST_relu_adagrad_loss.png")
     script.main(configure(vars(script), ["--quick", f"--out-dir={tmp_path}", "--plot-only=True",
-                                         "--activations=['relu']", "--optimizers=['sgd']"], script._QUICK))
-    assert (fig_dir / "MNIST_relu_sgd_loss.png").exists()
+                                         "--activations=['relu']", "--optimizers=['adagrad']"], script._QUICK))
+    assert (fig_dir / "MNIST_relu_adagrad_loss.png").exists()
