@@ -65,6 +65,7 @@ DATA_DIR = "data"          # folder in torchvision's layout
 DEVICE = "cpu"             # cpu, cuda or auto
 OUT_DIR = "."              # figures/correlation/ and results/correlation/ go under it
 PROGRESS = True            # tqdm bars
+FIG_DPI = 200              # PNG resolution (dots per inch)
 # per dataset: widths, SGD learning rate, displacements T = T_START + T_STEP * i, i < T_COUNT
 # (the authors' released settings), and how many models go through a metric pass at once
 PER_DATASET = {
@@ -213,7 +214,7 @@ def run_dataset(name, cfg, res_dir):
     return res
 
 
-def plot(res, fig_dir, control):
+def plot(res, fig_dir, control, dpi=200):
     """Three scatter plots per dataset, one point per model, r in the legend."""
     import matplotlib
     matplotlib.use("Agg")
@@ -240,7 +241,7 @@ def plot(res, fig_dir, control):
             ax.legend(handles=[Line2D([], [], ls="", marker="o", color="0.5", label=lab)], loc="best", fontsize=8)
             ax.set_title(f"{name}, {len(x)} models")
         fig.colorbar(sc, ax=axes[0].tolist(), label=f"training loss ({control})")
-        save_figure(fig, os.path.join(fig_dir, f"{name}_{fname}.png"))
+        save_figure(fig, os.path.join(fig_dir, f"{name}_{fname}.png"), dpi=dpi)
 
 
 def table(res_dir):
@@ -284,7 +285,7 @@ def main(cfg):
     check_choice("activation", cfg["ACTIVATION"], ["leaky_relu", "relu"])
     check_choice("psi dtype", cfg["PSI_DTYPE"], ["float64", "float32"])
     check_choice("control", cfg["CONTROL"], ["final", "epoch_mean"])
-    for k in ("N_MODELS", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "N_DRAWS", "METRIC_BATCH"):
+    for k in ("N_MODELS", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "N_DRAWS", "METRIC_BATCH", "FIG_DPI"):
         check_positive(k.lower(), cfg[k], allow_zero=False)
     if cfg["N_MODELS"] < 4:
         raise UsageError(f"n_models must be >= 4 for a partial correlation, got {cfg['N_MODELS']}")
@@ -299,7 +300,7 @@ def main(cfg):
             res = load_json(path)
         else:
             res = run_dataset(name, cfg, res_dir)
-        plot(res, fig_dir, cfg["CONTROL"])
+        plot(res, fig_dir, cfg["CONTROL"], cfg["FIG_DPI"])
     md = table(res_dir)
     if md:
         print(md)

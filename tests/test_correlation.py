@@ -24,7 +24,8 @@ ACT = Activation(0.1)
 def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_path):
     write_fake(tmp_path / "data", "MNIST", n_train=120, n_test=60, seed=2)
     out = tmp_path / "out"
-    args = ["--quick", f"--data-dir={tmp_path / 'data'}", f"--out-dir={out}", "--progress=False"]
+    args = ["--quick", f"--data-dir={tmp_path / 'data'}", f"--out-dir={out}", "--progress=False",
+            "--n-draws=2", "--fig-dpi=40"]
     run(correlation.main, vars(correlation), correlation._QUICK, argv=args)  # in-process: shares warm-up
     res_dir, fig_dir = out / "results" / "correlation", out / "figures" / "correlation"
     for f in ("table1.md", "table1.csv", "MNIST.json", "MNIST_training.json", "MNIST_weights.pt"):
