@@ -29,12 +29,12 @@ results/generalization/<dataset>_<optimizer>.json (every curve, teleport and per
 phi/psi on a fixed batch before, right after the teleports and at the end) and
 <dataset>_<optimizer>_table.md.
 
-CPU runtime (one thread on 2 shared, busy cores): MNIST 5k subset with --controls, 15 min (SGD,
-45 models after the branch) and 16 min (AdaGrad, 50 models); most of it is the teleports.
-CIFAR-10 at full size, measured on CIFAR-sized synthetic tensors: about 6 s per epoch before the
-branch (5 models), 21 s (25 models) or 36 s (45 models, --controls) per epoch after it, 11 s per
-sharpness and 23 s per curvature teleport of 5 models: about 25 min for the whole protocol
-(see README for the measured end-to-end time).
+CPU runtime (one thread on the 2 shared cores, other jobs running): MNIST 5k subset with
+--controls, 9 min (SGD, 45 models after the branch; 15 min under a load average of 12) and 16 min
+(AdaGrad, 50 models, under that load); most of it is the teleports. CIFAR-10 at full size, run end
+to end on CIFAR-sized synthetic data (50,000 x 3072, lib.data.write_fake): 116 s for epochs 0-20
+(5 models, 5.8 s/epoch) and 1,137 s for epochs 20-40 (25 models, 57 s/epoch, 170 s of it the 20
+teleports): 21 min for SGD without controls; about 35 min with --controls (45 models).
 Headline (MNIST 5k subset, 5 seeds, final test loss minus the baseline of the same seed):
 SGD sharpness decrease -0.0021 +- 0.0011, increase +0.0002 +- 0.0048; curvature teleports with the
 released step sizes do not move psi at all (|T| ~ 1e-4); with 500x larger steps psi moves by +50% /
