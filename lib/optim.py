@@ -23,7 +23,12 @@ def make_optimizer(name, params, lr):
     if not lr >= 0:
         raise UsageError(f"learning rate must be >= 0, got {lr}")
     cls, kw = OPTIMIZERS[name]
-    return cls(params, lr=lr, **kw)
+    params = list(params)
+    # torch's fused kernels: the same update in one kernel per tensor group, about 2x fewer
+    # launches per step (Adagrad's is CPU-only, RMSprop has none)
+    fused = cls is not torch.optim.RMSprop and (cls is not torch.optim.Adagrad
+                                                 or all(p.device.type == "cpu" for p in params))
+    return cls(params, lr=lr, **kw, **({"fused": True} if fused else {}))
 
 
 def check_strategy(strategy):

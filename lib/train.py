@@ -2,7 +2,7 @@
 torch.optim optimizer over weights (K, out, in); batches are index slices of preloaded tensors."""
 import torch
 
-from lib.models import init_mlp, loss_fn
+from lib.models import init_mlp, loss_and_grads
 from lib.optim import apply_strategy, check_strategy, first_moments, make_optimizer
 from lib.teleport import random_teleport, teleport
 
@@ -23,11 +23,11 @@ def train_epoch(W, opt, X, Y, act, batch_size, loss="ce", before_batch=None):
         if before_batch is not None:
             before_batch(i)
         sl = slice(i * batch_size, (i + 1) * batch_size)
-        opt.zero_grad(set_to_none=True)
-        losses = loss_fn(W, X[sl], Y[sl], act, loss)
-        losses.sum().backward()
+        losses, grads = loss_and_grads(W, X[sl], Y[sl], act, loss)  # = autograd of losses.sum()
+        for w, g in zip(W, grads):
+            w.grad = g
         opt.step()
-        total += losses.detach()
+        total += losses
     return total / n
 
 
