@@ -175,9 +175,7 @@ def matched_perturbation(W, X, Y, act, target, generator, iters=40):
     Returns (new W, record with target, drift, norm)."""
     from lib.metrics import random_directions
     from lib.models import loss_fn
-    u = [d[0] for d in random_directions(W, 1, "sphere", generator, per_model=True)]
-    norm = sum(d.pow(2).flatten(1).sum(1) for d in u).sqrt().view(-1, 1, 1)
-    u = [d / norm for d in u]  # unit norm per model
+    u = [d[0] for d in random_directions(W, 1, "sphere", generator, per_model=True)]  # unit norm per model
     target = torch.as_tensor(target, dtype=W[0].dtype, device=W[0].device)
     with torch.no_grad():
         base = loss_fn(W, X, Y, act)

@@ -34,8 +34,9 @@ def random_directions(W, n, kind="sphere", generator=None, per_model=False):
     draw = {"sphere": torch.randn, "positive_orthant": torch.rand}[kind]
     shapes = [w.shape if per_model else w.shape[1:] for w in W]
     D = [draw((n, *s), generator=generator, dtype=W[0].dtype).to(W[0].device) for s in shapes]
-    norm = sum(d.pow(2).flatten(1).sum(1) for d in D).sqrt()
-    return [d / norm.view(-1, *[1] * (d.dim() - 1)) for d in D]
+    lead = 2 if per_model else 1  # per_model: each model's direction has unit norm
+    norm = sum(d.pow(2).flatten(lead).sum(-1) for d in D).sqrt()
+    return [d / norm.view(*norm.shape, 1, 1) for d in D]
 
 
 def sharpness(W, X, Y, act, ts, dirs, loss="ce"):

@@ -108,3 +108,14 @@ def test_grad_norm_matches_autograd_and_weighted_norm(leaky):
     assert torch.allclose(grad_norm_sq(W, X, Y, leaky), ref)
     A = [torch.full_like(w, 4.0) for w in W]
     assert torch.allclose(grad_norm_sq(W, X, Y, leaky, precond=A), 4 * ref)
+
+
+@pytest.mark.parametrize("per_model", [False, True])
+def test_random_directions_have_unit_norm_per_model(per_model):
+    from lib.metrics import random_directions
+    W = make_weights([6, 4, 3], K=3)
+    D = random_directions(W, 5, "sphere", torch.Generator().manual_seed(0), per_model=per_model)
+    dims = (-2, -1)
+    sq = sum(d.pow(2).sum(dims) for d in D)
+    assert sq.shape == ((5, 3) if per_model else (5,))
+    torch.testing.assert_close(sq, torch.ones_like(sq))
