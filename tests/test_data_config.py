@@ -46,3 +46,22 @@ def test_configure_overrides_and_quick():
 def test_configure_rejects_bad_input(argv, match):
     with pytest.raises(UsageError, match=match):
         configure(DEFAULTS, argv)
+
+
+def test_atomic_write_leaves_no_partial_file_and_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    import pytest
+
+    from lib.results import atomic_path, load_json, save_json
+    path = tmp_path / "r.json"
+    save_json(path, {"a": 1.5, "b": float("nan")})
+    assert load_json(path) == {"a": 1.5, "b": None}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        open(tmp, "w").write("half")
+        raise RuntimeError("crash mid-write")
+    assert load_json(path) == {"a": 1.5, "b": None} and os.listdir(tmp_path) == ["r.json"]
