@@ -24,12 +24,21 @@ def _parse(name, text, default):
     return value
 
 
+def _from_lib(name, value):
+    """True for a constant a script imported from lib (e.g. lib.results.COLORS): not an option."""
+    if isinstance(value, (bool, int, float, type(None))):
+        return False  # such values are shared objects: identity says nothing
+    return any(name in vars(m) and vars(m)[name] is value for n, m in list(sys.modules.items())
+               if n.startswith("lib.") and m is not None)
+
+
 def configure(defaults, argv=None, quick=None):
     """Resolve a script's config: the UPPER_CASE entries of `defaults` (the script's globals),
     then `quick` (a dict of scaled-down values) if --quick is given, then every --NAME=value
     (case-insensitive, '-' for '_'). Returns the resolved dict, to be saved with results."""
     cfg = {k: v for k, v in defaults.items() if k.isupper() and not k.startswith("_")
-           and isinstance(v, (bool, int, float, str, list, tuple, dict, type(None)))}
+           and isinstance(v, (bool, int, float, str, list, tuple, dict, type(None)))
+           and not _from_lib(k, v)}
     cfg.setdefault("QUICK", False)
     overrides = {}
     for arg in sys.argv[1:] if argv is None else argv:

@@ -65,3 +65,15 @@ def test_atomic_write_leaves_no_partial_file_and_ordinary_permissions(tmp_path):
         open(tmp, "w").write("half")
         raise RuntimeError("crash mid-write")
     assert load_json(path) == {"a": 1.5, "b": None} and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_constants_imported_from_lib_are_not_options():
+    import pytest
+
+    from lib.config import UsageError, configure
+    from lib.results import COLORS
+    defaults = {"COLORS": COLORS, "EPOCHS": 3, "LOCAL_TABLE": {"a": 1}}
+    cfg = configure(defaults, [])
+    assert "COLORS" not in cfg and cfg["EPOCHS"] == 3 and cfg["LOCAL_TABLE"] == {"a": 1}
+    with pytest.raises(UsageError, match="unknown option"):
+        configure(defaults, ["--colors={}"])
