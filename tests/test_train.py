@@ -1,4 +1,5 @@
 """The training engine with teleport hooks."""
+import pytest
 import torch
 
 from lib.actions import GLAction
@@ -40,3 +41,21 @@ def test_teleport_hook_raises_grad_norm_and_random_matches_its_norms():
     assert [r["algebra_norm"] for r in rand] == [r["algebra_norm"] for r in recs]
     # same teleport batches in both arms: the loss before the first teleport is identical
     assert rand[0]["loss_before"] == recs[0]["loss_before"]
+
+
+@pytest.mark.slow
+def test_compiled_epoch_equals_eager_epoch():
+    """torch.compile of the training step (about 20 s to compile) gives the same training."""
+    from lib.data import synthetic
+    from lib.models import Activation
+    from lib.train import make_model, train_epoch
+    data = synthetic("MNIST", 200, 10)
+    act = Activation(0.1)
+    runs = []
+    for compile in (False, True):
+        W, opt = make_model([784, 16, 10, 10], [1, 2, 3], "adagrad", 1e-2)
+        loss = train_epoch(W, opt, data.x_train, data.y_train, act, 20, compile=compile)
+        runs.append((loss, [w.detach() for w in W]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
