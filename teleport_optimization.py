@@ -22,20 +22,21 @@ of some models of a batch but not others would need a custom optimizer. All arms
 same random images (TeleportHook's generator is seeded identically for every arm), and the
 random-teleport arm reuses the Frobenius norms ||g - I|| the teleport arm found at each moment.
 
-CPU runtime (2 cores shared with 5 other jobs, OMP_NUM_THREADS=1), on the real 4,000-image MNIST
-subset (--data-dir=../shared/data/mnist5k): 7.5 min with --controls (4 optimizers x 6 arms x 5
-seeds x 40 epochs), about 2.5 min for the default two arms; --figure=12: 15 s; --quick: 15 s.
-The full 50,000-image protocol has 12.5x as many batches per epoch: about 30 min for the default
-arms (estimated from the 4,000-image timings, not measured: the full set is not on this machine).
+CPU runtime on the real 4,000-image MNIST subset (--data-dir=../shared/data/mnist5k), one thread
+of a quiet 2-core machine: 70 s with --controls (4 optimizers x 6 arms x 5 seeds x 40 epochs),
+including the one-off torch.compile of the training step (COMPILE; --compile=False trains eagerly,
+about 1.6x slower per step); --figure=12: 15 s; --quick: 15 s. The full 50,000-image protocol has
+12.5x as many batches per epoch: about 5 min for the two default arms, 15 min with --controls
+(estimated, not measured: the full set is not on
+this machine).
 
 Headline (mnist5k, 5 seeds): the teleport arm's training loss is below the baseline's at every
 epoch 1-5 for momentum, RMSProp and Adam, and from epoch 3 (after its teleport) for AdaGrad. The
 controls split the causes: for AdaGrad the whole gain comes from the optimizer reset (reset-only
 reaches 106% of it, teleport with the state kept 0%); for momentum and Adam it comes from the
 optimised move (reset-only and a random move of the same size: about 0%); RMSProp is in between
-(reset-only 14%, random move 19%). Per wall time (Figure 13) the 8 teleports cost about 1.8 s,
-4-5 epochs of this small subset, and the teleport arm does not get ahead of the baseline except
-with AdaGrad. Tables: results/optimization/MNIST_summary.md.
+(reset-only 14%, random move 15%). Per wall time (Figure 13) the 8 teleports cost 0.6-0.7 s,
+about 10 compiled epochs of this small subset, and the teleport arm stays behind the baseline. Tables: results/optimization/MNIST_summary.md.
 """
 import os
 
