@@ -27,8 +27,7 @@ of a quiet 2-core machine: 70 s with --controls (4 optimizers x 6 arms x 5 seeds
 including the one-off torch.compile of the training step (COMPILE; --compile=False trains eagerly,
 about 1.6x slower per step); --figure=12: 15 s; --quick: 15 s. The full 50,000-image protocol has
 12.5x as many batches per epoch: about 5 min for the two default arms, 15 min with --controls
-(estimated, not measured: the full set is not on
-this machine).
+(estimated, not measured: the full set is not on this machine).
 
 Headline (mnist5k, 5 seeds): the teleport arm's training loss is below the baseline's at every
 epoch 1-5 for momentum, RMSProp and Adam, and from epoch 3 (after its teleport) for AdaGrad. The
