@@ -207,13 +207,6 @@ class DriftHook:
         rec.update(test_loss_before=before.tolist(), test_loss_after=after.tolist(), failed=bad.tolist())
 
 
-def objective(name, act):
-    """The teleport objective: ||grad L||^2 (Section 5.1), or its log, whose gradient is that of
-    ||grad L||^2 divided by ||grad L||^2: the same ascent direction, with steps relative in size."""
-    grad_norm = make_objective("grad_norm", act)
-    return grad_norm if name == "grad_norm" else (lambda W, X, Y: grad_norm(W, X, Y).log())
-
-
 def run_arm(cfg, arm, data, widths, act, optimizer, epochs, tele_lr, desc=""):
     """Train len(SEEDS) models of one arm as one batched model. Returns (history, teleport records)."""
     W, opt = make_model(widths, cfg["SEEDS"], optimizer, cfg["LR"], cfg["DEVICE"])
@@ -226,7 +219,7 @@ def run_arm(cfg, arm, data, widths, act, optimizer, epochs, tele_lr, desc=""):
     if arm in _ACTIONS:
         tele = TeleportHook(W, opt, data, act, cfg["TELE_EPOCHS"], cfg["TELE_BATCHES"], cfg["TELE_BATCH_SIZE"],
                             torch.Generator().manual_seed(cfg["TELE_SEED"]), strategy=cfg["OPT_STATE"],
-                            objective=objective(cfg["OBJECTIVE"], act), action=_ACTIONS[arm](cfg["GL_GROUP"]),
+                            objective=make_objective(cfg["OBJECTIVE"], act), action=_ACTIONS[arm](cfg["GL_GROUP"]),
                             steps=cfg["TELE_STEPS"], lr=tele_lr)
         hook = DriftHook(tele, data, act, cfg["REJECT_DRIFT"], cfg["OBJECTIVE"] == "log_grad_norm")
     hist = fit(W, opt, data, act, epochs, cfg["BATCH_SIZE"], hook=hook, desc=desc, progress=cfg["PROGRESS"])

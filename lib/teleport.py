@@ -10,16 +10,19 @@ from lib.config import UsageError
 from lib.metrics import curvature, grad_norm_sq, random_directions, random_lie_elements, sharpness
 from lib.models import loss_fn
 
-OBJECTIVES = ("grad_norm", "a_norm", "sharpness", "curvature")
+OBJECTIVES = ("grad_norm", "log_grad_norm", "a_norm", "sharpness", "curvature")
 
 
 def make_objective(name, act, loss="ce", precond=None, ts=None, kind="sphere", n_curves=1,
                    curvature_action=None, generator=None):
-    """Objective f(W, X, Y) -> (K,) to climb: 'grad_norm' ||grad L||^2; 'a_norm' ||grad L||_A^2
+    """Objective f(W, X, Y) -> (K,) to climb: 'grad_norm' ||grad L||^2; 'log_grad_norm' its log
+    (the same ascent direction, steps relative to ||grad L||^2); 'a_norm' ||grad L||_A^2
     (needs precond, App. F.1); 'sharpness' phi of eq. (4) with displacements ts and fresh random
     directions each call; 'curvature' psi of eq. (5) over n_curves fresh random curves (eq. 54)."""
     if name == "grad_norm":
         return lambda W, X, Y: grad_norm_sq(W, X, Y, act, loss)
+    if name == "log_grad_norm":
+        return lambda W, X, Y: grad_norm_sq(W, X, Y, act, loss).log()
     if name == "a_norm":
         if precond is None:
             raise UsageError("objective 'a_norm' needs the optimizer's AdaGrad preconditioner")

@@ -68,7 +68,7 @@ def test_random_teleport_moves_by_requested_norm(leaky):
 
 
 def test_unknown_objective_and_negative_step():
-    with pytest.raises(UsageError, match="known: grad_norm, a_norm, sharpness, curvature"):
+    with pytest.raises(UsageError, match="known: grad_norm, log_grad_norm, a_norm, sharpness, curvature"):
         make_objective("flatness", Activation(0.1))
     with pytest.raises(UsageError, match=">= 0"):
         teleport([torch.zeros(1, 2, 2)], None, None, None, None, GLAction(46), lr=-1.0)
@@ -101,3 +101,12 @@ def test_batched_run_equals_separate_runs(leaky, optimizer, strategy):
         for a, b in zip(Wb, Ws):
             assert torch.allclose(a[k:k + 1], b, atol=1e-5)
         assert torch.allclose(lb[:, k:k + 1], ls, atol=1e-6)
+
+
+def test_log_grad_norm_objective_is_the_log_of_grad_norm():
+    from lib.models import Activation
+    act = Activation(0.1)
+    W = [w.requires_grad_() for w in make_weights([5, 4, 3], K=2)]
+    X, Y = make_batch(6, 5, 3)
+    g, lg = make_objective("grad_norm", act), make_objective("log_grad_norm", act)
+    torch.testing.assert_close(lg(W, X, Y), g(W, X, Y).log())

@@ -31,7 +31,7 @@ def _per_sample(W, X, Y, act):
 def _teleport_once(arm, data, act, lr, reject_drift=float("inf"), obj="grad_norm"):
     W, opt = make_model([784, 16, 10, 10], [0, 1], "sgd", 1e-2)
     tele = TeleportHook(W, opt, data, act, [0], 1, 40, torch.Generator().manual_seed(3),
-                        objective=script.objective(obj, act), action=script._ACTIONS[arm]("first_order"),
+                        objective=make_objective(obj, act), action=script._ACTIONS[arm]("first_order"),
                         steps=5, lr=lr)
     before = [w.detach().clone() for w in W]
     script.DriftHook(tele, data, act, reject_drift, obj == "log_grad_norm")(0, 0)
