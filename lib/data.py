@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lib.config import UsageError
-from lib.results import atomic_path
+from lib.io import atomic_path
 
 DATASETS = {"MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "CIFAR10": (3, 32, 32)}
 

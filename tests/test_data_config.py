@@ -39,10 +39,10 @@ def test_configure_overrides_and_quick():
     assert configure(DEFAULTS, ["--seeds=[3]", "--epochs=5"])["SEEDS"] == [3]
 
 
-@pytest.mark.parametrize("argv,match", [(["--lrate=1"], "unknown option '--lrate=1'; known: --lr"),
+@pytest.mark.parametrize("argv,match", [(["--lrate=1"], "unknown setting '--lrate=1'; did you mean --lr"),
                                         (["--epochs=1.5"], "expected a int"),
                                         (["--lr=abc"], "cannot parse"),
-                                        (["lr=1"], "unknown option")])
+                                        (["lr=1"], "unknown setting")])
 def test_configure_rejects_bad_input(argv, match):
     with pytest.raises(UsageError, match=match):
         configure(DEFAULTS, argv)
@@ -54,10 +54,11 @@ def test_atomic_write_leaves_no_partial_file_and_ordinary_permissions(tmp_path):
 
     import pytest
 
-    from lib.results import atomic_path, load_json, save_json
+    from lib.io import atomic_path, load_json, save_json
     path = tmp_path / "r.json"
     save_json(path, {"a": 1.5, "b": float("nan")})
     assert load_json(path) == {"a": 1.5, "b": None}
+    save_json(path, {"a": 1.5, "b": float("nan")})
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
@@ -67,13 +68,34 @@ def test_atomic_write_leaves_no_partial_file_and_ordinary_permissions(tmp_path):
     assert load_json(path) == {"a": 1.5, "b": None} and os.listdir(tmp_path) == ["r.json"]
 
 
-def test_constants_imported_from_lib_are_not_options():
-    import pytest
+def test_only_the_fence_is_an_option_and_presets_yield_to_the_user(tmp_path):
+    from lib.config import fenced_settings, help_text, with_preset
+    script = tmp_path / "s.py"
+    script.write_text('"""Doc.\n\nOutputs: nothing."""\nCOLORS = {"a": 1}\n# ---- config\n'
+                      'LR = None  # learning rate\n#   (continued)\nDATASET = "MNIST"  # data\n'
+                      '# ----\nPRESETS = {"DATASET": {"MNIST": {"LR": 0.1}, "CIFAR10": {"LR": 0.2}}}\n')
+    g = {"__file__": str(script), "__doc__": "Doc.\n\nOutputs: nothing.", "COLORS": {"a": 1}, "LR": None,
+         "DATASET": "MNIST"}
+    assert fenced_settings(script) == {"LR": (None, "learning rate (continued)"), "DATASET": ("MNIST", "data")}
+    presets = {"DATASET": {"MNIST": {"LR": 0.1}, "CIFAR10": {"LR": 0.2}}}
+    assert configure(g, [], presets=presets)["LR"] == 0.1
+    assert configure(g, ["--dataset=CIFAR10"], presets=presets)["LR"] == 0.2
+    assert configure(g, ["--lr=0.05", "--dataset=CIFAR10"], presets=presets)["LR"] == 0.05
+    assert with_preset({"LR": 0.05}, presets, "DATASET", "MNIST")["LR"] == 0.05
+    with pytest.raises(UsageError, match="unknown setting '--colors={}'"):
+        configure(g, ["--colors={}"])
+    with pytest.raises(UsageError, match="unknown dataset 'SVHN'"):
+        configure(g, ["--dataset=SVHN"], presets=presets)
+    text = help_text(g, {"LR": 1.0}, presets)
+    assert "--lr=None" in text and "MNIST: 0.1" in text and "Outputs: nothing." in text
 
-    from lib.config import UsageError, configure
-    from lib.results import COLORS
-    defaults = {"COLORS": COLORS, "EPOCHS": 3, "LOCAL_TABLE": {"a": 1}}
-    cfg = configure(defaults, [])
-    assert "COLORS" not in cfg and cfg["EPOCHS"] == 3 and cfg["LOCAL_TABLE"] == {"a": 1}
-    with pytest.raises(UsageError, match="unknown option"):
-        configure(defaults, ["--colors={}"])
+
+@pytest.mark.parametrize("name", ["bogus", "cuda:0", "tpu"])
+def test_bad_device_is_one_line(name):
+    from lib.config import check_device
+    import torch
+    if name == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(UsageError) as e:
+        check_device(name)
+    assert "\n" not in str(e.value) and "--device" in str(e.value)

@@ -1,0 +1,130 @@
+"""Result files: strict JSON with the config and the environment that made them, text and
+tensors, all written atomically (a temporary file renamed into place); `--plot-only` loading."""
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+
+from lib.config import UsageError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1])
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file gets ordinary permissions
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _git(*args):
+    try:
+        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment():
+    """Where and with what a result was made: date, git commit (and whether the tree was dirty),
+    versions of python and the packages, platform, GPU, threads."""
+    import numpy
+    import torch
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for name in ("torchvision", "scipy", "matplotlib"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+            **versions, "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads()}
+
+
+def _clean(x):
+    """JSON-ready: tensors and arrays as lists, non-finite floats as null (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "tolist"):
+        return _clean(x.tolist())
+    return x
+
+
+def save_json(path, obj):
+    """Write obj (tensors/arrays as lists, nan and inf as null) to path atomically, strict JSON."""
+    text = json.dumps(_clean(obj), indent=1, allow_nan=False)
+    return save_text(path, text + "\n")
+
+
+def load_json(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def load_results(path):
+    """A saved results JSON for --plot-only; missing: one line saying how to make it."""
+    if not os.path.exists(path):
+        raise UsageError(f"--plot-only: no saved results at {path}; run once without --plot-only first")
+    try:
+        return load_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--plot-only: {path} is not valid JSON ({e}); run without --plot-only") from None
+
+
+def save_text(path, text):
+    """Write a text file (a Markdown table, a CSV) atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(text)
+    return path
+
+
+def save_tensors(path, tensors):
+    """Save a dict of plain tensors atomically; load back with load_tensors (weights_only)."""
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+    return path
+
+
+def load_tensors(path, device="cpu"):
+    import torch
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def relative(path):
+    """A path as saved in a config: relative to the repository where it lies inside it."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full, REPO) if full.startswith(REPO + os.sep) or full == REPO else path
+
+
+EXPERIMENTS = ("optimization", "generalization", "correlation", "quadratic", "curvature", "rescaling")
+
+
+def experiment_dirs(experiment, root="."):
+    """figures/<experiment>/ and results/<experiment>/ under root, created if missing."""
+    dirs = tuple(os.path.join(root, kind, experiment) for kind in ("figures", "results"))
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    return dirs
