@@ -26,6 +26,19 @@ class Data:
     y_train: torch.Tensor  # (N,) int64
     x_test: torch.Tensor
     y_test: torch.Tensor
+    name: str = "synthetic"  # the dataset's name
+    source: str = "synthetic"  # "data_dir" (found under --data-dir or downloaded), "bundled" or "synthetic"
+
+    @property
+    def info(self):
+        """What a results file records of the data actually used."""
+        return {"name": self.name, "source": self.source, "n_train": len(self.y_train), "n_test": len(self.y_test)}
+
+    @property
+    def label(self):
+        """What a figure title says of the data, e.g. 'MNIST (bundled subset, 4,000 train)'."""
+        kind = {"bundled": "bundled subset, ", "synthetic": "synthetic, "}.get(self.source, "")
+        return f"{self.name} ({kind}{len(self.y_train):,} train)"
 
 
 def check_dataset(name):
@@ -85,7 +98,7 @@ def load(name, root="data", device="cpu", train_size=50000, split_seed=0, downlo
         except OSError:
             pass  # a read-only checkout still works, just without the cache
     f = lambda x: (x.float() / 255).to(device)  # noqa: E731
-    return Data(f(t["x_train"]), t["y_train"].to(device), f(t["x_test"]), t["y_test"].to(device))
+    return Data(f(t["x_train"]), t["y_train"].to(device), f(t["x_test"]), t["y_test"].to(device), name, "data_dir")
 
 
 def synthetic(name="MNIST", n_train=200, n_test=100, seed=0, device="cpu", classes=10):
@@ -101,7 +114,7 @@ def synthetic(name="MNIST", n_train=200, n_test=100, seed=0, device="cpu", class
         return (x * 255).round().to(torch.uint8), y
     (xtr, ytr), (xte, yte) = draw(n_train), draw(n_test)
     f = lambda x: (x.float() / 255).to(device)  # noqa: E731
-    return Data(f(xtr), ytr.to(device), f(xte), yte.to(device))
+    return Data(f(xtr), ytr.to(device), f(xte), yte.to(device), name, "synthetic")
 
 
 def _idx_bytes(arr):
