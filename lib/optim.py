@@ -42,22 +42,41 @@ def first_moments(optimizer, params):
             for p in params]
 
 
-def reset_state(optimizer):
-    """Fresh state, as a newly built optimizer of the same kind (what the authors' code does)."""
-    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    fresh = type(optimizer)([p for g in optimizer.param_groups for p in g["params"]], **group)
-    optimizer.state = fresh.state
+STEP_FREE = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop)  # update ignores the step count
 
 
-def apply_strategy(optimizer, params, strategy, transported=None):
+def reset_state(optimizer, models=None):
+    """Fresh state, as a newly built optimizer of the same kind (what the authors' code does).
+    models = a slice of the leading model dimension: reset only those models' state by zeroing
+    their buffers, which equals a fresh optimizer for them where the update does not depend on
+    the step count (SGD, Adagrad with lr_decay = 0 and a zero initial accumulator, RMSprop);
+    Adam's bias correction does, so its models cannot be reset one by one."""
+    if models is None:
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        fresh = type(optimizer)([p for g in optimizer.param_groups for p in g["params"]], **group)
+        optimizer.state = fresh.state
+        return
+    if not isinstance(optimizer, STEP_FREE) or optimizer.param_groups[0].get("lr_decay", 0) != 0:
+        raise ValueError(f"{type(optimizer).__name__}'s update depends on its step count: reset the whole "
+                         "optimizer (one arm per batched model), not some of its models")
+    for state in optimizer.state.values():
+        for key, buf in state.items():
+            if key != "step" and torch.is_tensor(buf) and buf.dim() > 0:
+                buf[models] = 0
+
+
+def apply_strategy(optimizer, params, strategy, transported=None, models=None):
     """After the weights were teleported in place: 'reset' the state, 'keep' it, or
     'transport' it: first-moment buffers replaced by their push-forward under the action
-    (`transported`, from `teleport(..., tangents=...)`), second moments kept."""
+    (`transported`, from `teleport(..., tangents=...)`), second moments kept. models = a slice
+    of the model dimension: only those models (`transported` then holds just their buffers)."""
     check_strategy(strategy)
     if strategy == "reset":
-        reset_state(optimizer)
+        reset_state(optimizer, models)
     elif strategy == "transport" and transported is not None:
         for p, buf in zip(params, transported):
             key = next((k for k in FIRST_MOMENTS if k in optimizer.state[p]), None)
-            if key is not None:
+            if key is not None and models is None:
                 optimizer.state[p][key] = buf
+            elif key is not None:
+                optimizer.state[p][key][models] = buf

@@ -1,5 +1,6 @@
 """The batched training engine: K models that share the data order train as one, with one
-torch.optim optimizer over weights (K, out, in); batches are index slices of preloaded tensors."""
+torch.optim optimizer over weights (K, out, in); batches are index slices of preloaded tensors.
+Teleports during training come from a hook (lib.arms.ArmHook)."""
 import sys
 
 import torch
@@ -20,8 +21,8 @@ _COMPILED = {}
 
 def compiled_loss_and_grads(W, X, Y, act, loss="ce"):
     """loss_and_grads through torch.compile: the ~30 small kernels of a batch-20 step fused into a
-    few (about 2x faster per step on a CPU, after a one-off compile of ~20 s per batch shape and
-    K). If compiling fails (no C++ compiler, unsupported platform), it says so in one line and
+    few: 1.6x faster per seed-epoch on a CPU than the eager step (benchmarks/bench_training.py),
+    after a one-off compile of ~20 s per batch shape and K. If compiling fails (no C++ compiler, unsupported platform), it says so in one line and
     falls back to the eager function for good."""
     fn = _COMPILED.get("fn")
     if fn is None:
@@ -118,39 +119,3 @@ def fit(W, opt, data, act, epochs, batch_size, loss="ce", hook=None, desc="", pr
         bar.set_postfix(train=f"{tr.mean().item():.4f}", test=f"{te.mean().item():.4f}")
     return hist
 
-
-class TeleportHook:
-    """hook(epoch, i) for `fit`: before each of the first `n_batches` mini-batches of every epoch
-    in `epochs`, teleport the weights on a fresh random batch of `tele_batch_size` training images
-    (and measure the drift on a second one), then treat the optimizer state by `strategy`.
-
-    mode 'teleport': the optimised teleport (teleport_kw: objective, action, steps, lr, ...);
-    'reset-only': no move, only the state strategy at the same moments; 'random': a random group
-    element with the algebra norms of the matching optimised teleport (`random_norms`, a list of
-    (K, n_pairs) tensors in teleport order). The random batches come from `generator`, seeded the
-    same for every arm, so all arms teleport on the same images. `records` collects the records."""
-
-    def __init__(self, W, opt, data, act, epochs, n_batches, tele_batch_size, generator,
-                 strategy="reset", mode="teleport", random_norms=None, **teleport_kw):
-        self.W, self.opt, self.data, self.act = W, opt, data, act
-        self.epochs, self.n_batches, self.size = set(epochs), n_batches, tele_batch_size
-        self.gen, self.strategy, self.mode, self.norms, self.kw = generator, strategy, mode, random_norms, teleport_kw
-        self.records = []
-        self.dir_gen = torch.Generator().manual_seed(generator.initial_seed() + 1)  # keeps batches in step
-        check_strategy(strategy)
-
-    def __call__(self, epoch, i):
-        if epoch not in self.epochs or i >= self.n_batches:
-            return
-        n = self.data.x_train.shape[0]
-        idx = torch.randperm(n, generator=self.gen)[:2 * self.size].to(self.W[0].device)
-        X, Y = self.data.x_train[idx[:self.size]], self.data.y_train[idx[:self.size]]
-        held = (self.data.x_train[idx[self.size:]], self.data.y_train[idx[self.size:]])
-        if self.mode == "reset-only":
-            apply_strategy(self.opt, self.W, self.strategy)
-            self.records.append({"epoch": epoch, "batch": i})
-            return
-        norms = self.norms[len(self.records)] if self.mode == "random" else None
-        rec = teleport_model(self.W, self.opt, X, Y, self.act, self.strategy, random_norms=norms,
-                             generator=self.dir_gen, heldout=held, **self.kw)
-        self.records.append({"epoch": epoch, "batch": i, **rec})
