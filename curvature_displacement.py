@@ -17,7 +17,10 @@ gamma_1(t) = (t, k1 t^2), curvature kappa = 2 k1 at w0; gamma_2 = circle of radi
 (0, k2), curvature kappa = 1 / k2. Distances are exact: the circle in closed form, the parabola
 by the real roots of the cubic d/dt |gamma_1(t) - p|^2 = 0. The integral is the midpoint rule on
 N_ANGLES uniform angles (checked against scipy.integrate.quad in the tests).
-Outputs: figures/curvature/displacement_vs_curvature.png, results/curvature/displacement.json.
+
+Outputs: figures/curvature/displacement_vs_curvature.png (panels b and c) and
+results/curvature/displacement.json (config, environment, the (1/r) E dist grids of both panels and
+the closed-form checks), under OUT_DIR.
 """
 import math
 
@@ -27,7 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lib.config import check_positive, run  # noqa: E402
-from lib.results import environment, experiment_dirs, save_figure, save_json  # noqa: E402
+from lib.io import environment, experiment_dirs, relative, save_json  # noqa: E402
+from lib.plots import save_figure  # noqa: E402
 
 # ---- config -------------------------------------------------------------------------------
 PARABOLA_RS = [0.1, 0.2, 0.5, 1.0, 2.0]        # shift radii r for gamma_1 (Figure 7b)
@@ -37,10 +41,10 @@ CIRCLE_KAPPA_MAX = 10.0                        # kappa = 1 / k2 in [0, this] (th
 N_KAPPA = 101                                  # curvature values per panel (uniform grid)
 FIG_DPI = 200                                  # PNG resolution
 N_ANGLES = 4000                                # midpoint-rule nodes on the circle of shifts (rel. err ~1e-8)
-NEWTON_POLISH = 3                              # Newton steps polishing the cubic's roots (parabola)
 OUT_DIR = "."                                  # root for figures/curvature/ and results/curvature/
-_QUICK = {"N_KAPPA": 21, "N_ANGLES": 1000, "FIG_DPI": 60}
 # --------------------------------------------------------------------------------------------
+
+QUICK_SETTINGS = {"N_KAPPA": 21, "N_ANGLES": 1000, "FIG_DPI": 60}
 
 
 def dist_to_circle(p, kappa):
@@ -51,11 +55,12 @@ def dist_to_circle(p, kappa):
     return np.abs(kappa * (x * x + y * y) - 2 * y) / (1 + np.hypot(kappa * x, 1 - kappa * y))
 
 
-def dist_to_parabola(p, k1):
+def dist_to_parabola(p, k1, polish=3):
     """Exact distance from points p (N, 2) to gamma_1(t) = (t, k1 t^2) (curvature 2 k1 at 0):
     the minimiser over t solves 2 k1^2 t^3 + (1 - 2 k1 p_y) t - p_x = 0 (the stationarity of
     |gamma_1(t) - p|^2); all three roots, from the batched companion matrix, are tried (a complex
-    root's real part only gives a larger distance, so the minimum is the real minimiser's)."""
+    root's real part only gives a larger distance, so the minimum is the real minimiser's), each
+    polished by `polish` Newton steps."""
     x, y = p[..., 0], p[..., 1]
     if k1 == 0:
         return np.abs(y)
@@ -63,7 +68,7 @@ def dist_to_parabola(p, k1):
     comp = np.zeros(x.shape + (3, 3))
     comp[..., 0, 1], comp[..., 0, 2], comp[..., 1, 0], comp[..., 2, 1] = -a, -b, 1.0, 1.0
     t = np.linalg.eigvals(comp).real                                 # (N, 3)
-    for _ in range(NEWTON_POLISH):  # the companion matrix is ill-conditioned for small k1 (|a| ~ 1/k1^2)
+    for _ in range(polish):  # the companion matrix is ill-conditioned for small k1 (|a| ~ 1/k1^2)
         g, dg = t ** 3 + a[..., None] * t + b[..., None], 3 * t * t + a[..., None]
         t = np.where(np.abs(dg) > 1e-12, t - g / np.where(np.abs(dg) > 1e-12, dg, 1.0), t)
     d = np.hypot(t - x[..., None], k1 * t * t - y[..., None])
@@ -111,7 +116,8 @@ def main(cfg):
               "circle_kappa_r_1_numeric": expected_distance("circle", 1.0, 1.0, cfg["N_ANGLES"])}
     print(f"eq. (66): kappa = 0 gives 2/pi = {2 / math.pi:.6f}, max error {checks['kappa0_max_abs_err']:.1e}; "
           f"circle at kappa r = 1: {checks['circle_kappa_r_1_numeric']:.6f} (closed form {checks['circle_kappa_r_1_closed_form']:.6f})")
-    save_json(f"{res_dir}/displacement.json", {"config": cfg, "environment": environment(), "checks": checks, **panels})
+    saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"])}
+    save_json(f"{res_dir}/displacement.json", {"config": saved, "environment": environment(), "checks": checks, **panels})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (curve, cmap, xlabel) in zip(axes, [("parabola", "Blues", r"$\kappa = 2k_1$"),
                                                 ("circle", "Oranges", r"$\kappa = 1/k_2$")]):
@@ -128,4 +134,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, globals(), _QUICK)
+    run(main, globals())

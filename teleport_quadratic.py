@@ -1,8 +1,9 @@
 """Teleportation on two convex quadratics, x^2 + 9y^2 and the Booth function, with the theory of
 Section 3 made visible (Proposition 3.2, Propositions 3.5 / C.3, Theorem 3.1).
 
-    python teleport_quadratic.py              # both functions; --function=booth for one
-    python teleport_quadratic.py --quick      # the same runs, coarser contour plots
+    python teleport_quadratic.py                       # both functions
+    python teleport_quadratic.py --functions="['booth']"   # one of them
+    python teleport_quadratic.py --quick               # the same runs, coarser contour plots
 
 CPU runtime (2 cores): about 4 s of CPU time, 10-15 s wall on the shared machine (imports, matplotlib).
 Headline: one teleport reaches loss 1e-6 in 9 GD steps instead of 88 on x^2 + 9y^2 (lr 0.05) and in
@@ -12,9 +13,13 @@ f <= 1e-6 (it leaves 1 only below f ~ 1e-23, through rounding error).
 
 Gradient descent w <- w - lr grad f from START, without teleport and with one teleport before
 step TELEPORT_STEP. The teleport maximises ||grad f(g_theta . w)||^2 over the SO(2) angle theta by
-gradient ascent (lib/quadratic.py), compared with the closed-form maximiser.
-Outputs: figures/quadratic/<function>_{trajectories,loss,optimality}.png,
-results/quadratic/<function>.json.
+gradient ascent (lib/quadratic.py), compared with the closed-form maximiser. START, LR and
+TELEPORT_STEP default to the per-function presets; a value given applies to every function run.
+
+Outputs: figures/quadratic/<function>_{trajectories,loss,optimality}.png and
+results/quadratic/<function>.json (the function's resolved config, environment, teleport record,
+the checks of Props. 3.2, 3.5 and Thm. 3.1, and both trajectories), under OUT_DIR, for each
+function in FUNCTIONS (x2_9y2 is x^2 + 9y^2).
 """
 import math
 
@@ -24,17 +29,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib.config import UsageError, check_choice, check_positive, run  # noqa: E402
+from lib.config import UsageError, check_choice, check_positive, run, with_preset  # noqa: E402
 from lib import quadratic  # noqa: E402
+from lib.io import environment, experiment_dirs, relative, save_json  # noqa: E402
+from lib.plots import COLORS, save_figure  # noqa: E402
 from lib.quadratic import (get_function, grad, hessian, loss, max_grad_norm_sq,  # noqa: E402
                            optimal_angle, so2_action, teleport_angle, wrap_half_turn)
-from lib.results import COLORS as _COLORS, environment, experiment_dirs, save_figure, save_json  # noqa: E402
 
 # ---- config -------------------------------------------------------------------------------
-FUNCTION = "all"           # x2_9y2, booth, or all
-START = None               # (x, y) start; None: the per-function default below
-LR = None                  # gradient-descent step size, 0 < LR < 2/18; None: per-function default
-TELEPORT_STEP = None       # teleport right before this GD step (0 = at the start); None: default
+FUNCTIONS = ["x2_9y2", "booth"]  # functions to run, in order: x2_9y2 (x^2 + 9y^2), booth
+START = None               # (x, y) start; None: the function's preset
+LR = None                  # gradient-descent step size, 0 < LR < 2/18; None: the function's preset
+TELEPORT_STEP = None       # teleport right before this GD step (0 = at the start); None: the preset
 STEPS = 120                # gradient-descent steps per run
 LOSS_TARGET = 1e-6         # Theorem 3.1 check: steps until f <= LOSS_TARGET
 TELEPORT_LR = 0.5          # gradient-ascent step on theta (the objective is the squared ratio, in [0, 1])
@@ -43,18 +49,21 @@ TELEPORT_TOL = 1e-13       # stop the ascent when |d ratio^2 / d theta| < this
 CONTOUR_GRID = 400         # grid points per axis for the level-set plot
 FIG_DPI = 200              # PNG resolution
 OUT_DIR = "."              # root for figures/quadratic/ and results/quadratic/
-DEFAULTS = {               # per-function defaults (issue 5)
-    "x2_9y2": {"START": (10.0, 0.1), "LR": 0.05, "TELEPORT_STEP": 5},
-    "booth": {"START": (5.0, -5.0), "LR": 0.08, "TELEPORT_STEP": 4},
-}
-_QUICK = {"CONTOUR_GRID": 100, "FIG_DPI": 60}
 # --------------------------------------------------------------------------------------------
 
+PRESETS = {"FUNCTION": {
+    "x2_9y2": {"START": (10.0, 0.1), "LR": 0.05, "TELEPORT_STEP": 5},
+    "booth": {"START": (5.0, -5.0), "LR": 0.08, "TELEPORT_STEP": 4},
+}}
+QUICK_SETTINGS = {"CONTOUR_GRID": 100, "FIG_DPI": 60}
+TITLES = {"x2_9y2": r"$f(x, y) = x^2 + 9y^2$",   # figure titles (file names keep the short names)
+          "booth": r"Booth function $f(x, y) = (x + 2y - 7)^2 + (2x + y - 5)^2$"}
 
-def resolve(cfg, name):
-    """The run settings for one function: the per-function defaults, overridden where set."""
-    s = {k: (cfg[k] if cfg[k] is not None else v) for k, v in DEFAULTS[name].items()}
-    if len(s["START"]) != 2:
+
+def check_settings(cfg, name):
+    """The resolved settings of one function, checked; returns {START, LR, TELEPORT_STEP}."""
+    s = {k: cfg[k] for k in ("START", "LR", "TELEPORT_STEP")}
+    if not isinstance(s["START"], (list, tuple)) or len(s["START"]) != 2:
         raise UsageError(f"START must be a pair (x, y), got {s['START']!r}")
     if loss(get_function(name), torch.tensor(s["START"], dtype=torch.float64)).item() == 0:
         raise UsageError(f"START {s['START']} is the minimiser of {name} (f = 0): the orbit is one point")
@@ -122,7 +131,8 @@ def step_axis(n, record):
 
 
 def experiment(cfg, name):
-    q, s = get_function(name), resolve(cfg, name)
+    """Both runs on one function (cfg: its resolved config) and the checks of Section 3."""
+    q, s = get_function(name), check_settings(cfg, name)
     base, _ = descend(q, s["START"], s["LR"], cfg["STEPS"])
     tele, rec = descend(q, s["START"], s["LR"], cfg["STEPS"], s["TELEPORT_STEP"], cfg)
     fb, rb = curves(q, base)
@@ -168,22 +178,23 @@ def plot(q, out, fig_dir, grid, dpi, target):
     ax.contour(X, Y, F, levels=np.geomspace(max(F.min(), 1e-3), F.max(), 14), colors="0.75", linewidths=0.7)
     ax.plot(orbit[:, 0], orbit[:, 1], ":", color="k", lw=1, label="orbit = level set at the teleport")
     k = rec["step"]
-    ax.plot(t["x"][k + 1:], t["y"][k + 1:], "o-", ms=3, color=_COLORS["teleport"], label=f"GD + teleport before step {k}")
-    ax.plot(b["x"], b["y"], "o-", ms=3, color=_COLORS["baseline"], label="GD (the same until the teleport)")
+    ax.plot(t["x"][k + 1:], t["y"][k + 1:], "o-", ms=3, color=COLORS["teleport"], label=f"GD + teleport before step {k}")
+    ax.plot(b["x"], b["y"], "o-", ms=3, color=COLORS["baseline"], label="GD (the same until the teleport)")
     ax.annotate("", xy=rec["w_after"], xytext=rec["w_before"],
-                arrowprops={"arrowstyle": "->", "color": _COLORS["teleport"], "lw": 1.5, "ls": "--"})
-    ax.plot(*rec["w_after"], "*", ms=14, color=_COLORS["teleport"], label="teleport target")
+                arrowprops={"arrowstyle": "->", "color": COLORS["teleport"], "lw": 1.5, "ls": "--"})
+    ax.plot(*rec["w_after"], "*", ms=14, color=COLORS["teleport"], label="teleport target")
     ax.set_xlim(cx - half, cx + half)
     ax.set_ylim(cy - half, cy + half)
     ax.set_aspect("equal")
-    ax.set(xlabel="x", ylabel="y", title=f"{name}: trajectories")
+    ax.set(xlabel="x", ylabel="y", title=f"{TITLES[name]}\nGD trajectories and the teleport")
     ax.legend(fontsize=8, loc="best")
     save_figure(fig, f"{fig_dir}/{name}_trajectories.png", dpi)
     # log loss and optimality ratio vs step
-    for key, ylabel, fname in [("loss", "f(w)", "loss"), ("ratio", r"$\|\nabla f\| \,/\, \max_{level\ set} \|\nabla f\|$", "optimality")]:
+    ratio_label = r"$\|\nabla f\| \,/\, \max_{level\ set} \|\nabla f\|$"
+    for key, ylabel, fname, title in [("loss", "f(w)", "loss", "loss"), ("ratio", ratio_label, "optimality", "optimality ratio")]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm, label in [("baseline", "GD"), ("teleport", f"GD + teleport before step {k}")]:
-            ax.plot(c[arm]["step"], c[arm][key], "o-", ms=2.5, color=_COLORS[arm], label=label)
+            ax.plot(c[arm]["step"], c[arm][key], "o-", ms=2.5, color=COLORS[arm], label=label)
         ax.axvline(k, color="0.6", lw=0.8, ls="--")
         if key == "loss":
             ax.set_yscale("log")
@@ -194,26 +205,27 @@ def plot(q, out, fig_dir, grid, dpi, target):
             ax.set_ylim(0, 1.05)
             hit = out["theorem_3_1"]["steps_to_target_teleport"]
             if hit is not None:
-                ax.axvline(hit, color=_COLORS["teleport"], lw=0.8, ls=":", label=f"teleport run reaches f = {target:g}")
+                ax.axvline(hit, color=COLORS["teleport"], lw=0.8, ls=":", label=f"teleport run reaches f = {target:g}")
             if out["prop_3_5"]["loss_when_ratio_departs"] is not None:
                 ax.text(0.98, 0.55, "ratio leaves 1 only once f < %.0e:\nrounding error along the flat\n"
                         "direction outgrows the steep one" % out["prop_3_5"]["loss_when_ratio_departs"],
                         transform=ax.transAxes, ha="right", fontsize=7, color="0.3")
             ax.set_xlim(0, 1.15 * max(out["theorem_3_1"]["steps_to_target_no_teleport"] or 0, 10))
-        ax.set(xlabel="GD step", ylabel=ylabel, title=f"{name}: {fname}")
+        ax.set(xlabel="GD step", ylabel=ylabel, title=f"{TITLES[name]}\n{title}")
         ax.legend(fontsize=8)
         save_figure(fig, f"{fig_dir}/{name}_{fname}.png", dpi)
 
 
 def main(cfg):
-    check_choice("FUNCTION", cfg["FUNCTION"], [*quadratic.FUNCTIONS, "all"])
+    for name in cfg["FUNCTIONS"]:
+        check_choice("function", name, quadratic.FUNCTIONS)
     for key in ("STEPS", "LOSS_TARGET", "TELEPORT_LR", "TELEPORT_MAX_STEPS", "CONTOUR_GRID", "FIG_DPI"):
         check_positive(key, cfg[key], allow_zero=False)
     fig_dir, res_dir = experiment_dirs("quadratic", cfg["OUT_DIR"])
-    names = list(quadratic.FUNCTIONS) if cfg["FUNCTION"] == "all" else [cfg["FUNCTION"]]
     results = {}
-    for name in names:
-        out = experiment(cfg, name)
+    for name in cfg["FUNCTIONS"]:
+        fcfg = with_preset(cfg, PRESETS, "FUNCTION", name)   # the preset fills only what is None
+        out = experiment(fcfg, name)
         rec, p32, p35, t31 = out["teleport"], out["prop_3_2"], out["prop_3_5"], out["theorem_3_1"]
         print(f"== {name}: start {out['settings']['START']}, lr {out['settings']['LR']}, teleport before step {rec['step']}")
         print(f"Hessian eigenvalues {out['hessian_eigenvalues'].tolist()}; on a level set ||grad f|| varies by a factor "
@@ -229,11 +241,12 @@ def main(cfg):
               f"{p35['gd_steps_after_teleport_until_ratio_departs_1e-6']} more steps (f = {p35['loss_when_ratio_departs']})")
         print(f"Thm 3.1: steps to f <= {cfg['LOSS_TARGET']:g}: no teleport {t31['steps_to_target_no_teleport']}, "
               f"teleport {t31['steps_to_target_teleport']}")
-        save_json(f"{res_dir}/{name}.json", {"config": cfg, "environment": environment(), **out})
-        plot(get_function(name), out, fig_dir, cfg["CONTOUR_GRID"], cfg["FIG_DPI"], cfg["LOSS_TARGET"])
+        saved = {**fcfg, "OUT_DIR": relative(fcfg["OUT_DIR"])}
+        save_json(f"{res_dir}/{name}.json", {"config": saved, "environment": environment(), **out})
+        plot(get_function(name), out, fig_dir, fcfg["CONTOUR_GRID"], fcfg["FIG_DPI"], fcfg["LOSS_TARGET"])
         results[name] = out
     return results
 
 
 if __name__ == "__main__":
-    run(main, globals(), _QUICK)
+    run(main, globals())

@@ -7,8 +7,8 @@ from scipy.integrate import quad
 from scipy.optimize import minimize_scalar
 
 import curvature_displacement as cd
-from lib.config import UsageError, configure
-from lib.results import load_json
+from lib.config import UsageError, resolve
+from lib.io import load_json
 
 
 def _numeric_min(curve_point, p, lo, hi, n=20001):
@@ -69,19 +69,34 @@ def test_known_answers_and_scale_invariance():
 
 
 def test_quick_run_writes_figure_and_json(tmp_path):
-    cfg = configure(vars(cd), ["--quick", f"--out-dir={tmp_path}"], cd._QUICK)
+    cfg = resolve(cd, ["--quick", f"--out-dir={tmp_path}"])
     panels, checks = cd.main(cfg)
     assert (tmp_path / "figures/curvature/displacement_vs_curvature.png").stat().st_size > 10000
     saved = load_json(tmp_path / "results/curvature/displacement.json")
-    assert saved["config"]["N_ANGLES"] == cd._QUICK["N_ANGLES"] and "torch" in saved["environment"]
+    assert saved["config"]["N_ANGLES"] == cd.QUICK_SETTINGS["N_ANGLES"] and "torch" in saved["environment"]
     assert checks["kappa0_max_abs_err"] < 1e-4
     par, circ = np.array(saved["parabola"]["ratio"]), np.array(saved["circle"]["ratio"])
     assert par.shape == (5, cfg["N_KAPPA"]) and np.all(par[:, -1] > 2 / math.pi)   # rises at large kappa r
     assert np.all(np.diff(circ[-1]) < 0) and np.all(circ[:, -1] < circ[:, 0])      # falls with kappa
 
 
+def test_overrides_reach_the_run(tmp_path):
+    # a coarse quadrature (8 angles) on a 3-point kappa grid and one radius per panel: the saved
+    # numbers are those of that quadrature, not of the default 4,000 nodes, and the grid follows N_KAPPA
+    argv = ["--n-angles=8", "--n-kappa=3", "--parabola-rs=[1.0]", "--circle-rs=[0.1]", "--fig-dpi=20",
+            f"--out-dir={tmp_path}"]
+    cd.main(resolve(cd, argv))
+    saved = load_json(tmp_path / "results/curvature/displacement.json")
+    assert saved["config"]["N_ANGLES"] == 8 and saved["parabola"]["kappa"] == [0.0, 40.0, 80.0]
+    par = saved["parabola"]["ratio"][0][1]
+    assert par == pytest.approx(cd.expected_distance("parabola", 40.0, 1.0, 8), rel=1e-12)
+    assert abs(par - cd.expected_distance("parabola", 40.0, 1.0, 4000)) > 1e-4
+    assert saved["circle"]["ratio"][0][2] == pytest.approx(cd.expected_distance("circle", 10.0, 0.1, 8) / 0.1, rel=1e-12)
+    assert saved["checks"]["circle_kappa_r_1_numeric"] == pytest.approx(cd.expected_distance("circle", 1.0, 1.0, 8))
+
+
 def test_bad_input_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="N_ANGLES must be > 0"):
-        cd.main(configure(vars(cd), ["--n-angles=0", f"--out-dir={tmp_path}"]))
+        cd.main(resolve(cd, ["--n-angles=0", f"--out-dir={tmp_path}"]))
     with pytest.raises(UsageError, match="r must be > 0"):
-        cd.main(configure(vars(cd), ["--circle-rs=[-0.1]", f"--out-dir={tmp_path}"]))
+        cd.main(resolve(cd, ["--circle-rs=[-0.1]", f"--out-dir={tmp_path}"]))

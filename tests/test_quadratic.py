@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import teleport_quadratic as tq
-from lib.config import UsageError, configure
+from lib.config import UsageError, resolve
 from lib.quadratic import (FUNCTIONS, grad, hessian, loss, max_grad_norm_sq, optimal_angle, so2_action,
                            teleport_angle, wrap_half_turn)
-from lib.results import load_json
+from lib.io import load_json
 
 T = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
 NAMES = list(FUNCTIONS)
@@ -55,7 +55,7 @@ def test_teleport_ascent_finds_the_closed_form_maximiser(name, w):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("quad")
-    return out, tq.main(configure(vars(tq), ["--quick", f"--out-dir={out}"], tq._QUICK))
+    return out, tq.main(resolve(tq, ["--quick", f"--out-dir={out}"]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -63,6 +63,9 @@ def test_quick_run_theory_checks(quick, name):
     out, results = quick
     r = load_json(out / f"results/quadratic/{name}.json")
     assert r["config"]["QUICK"] is True and "torch" in r["environment"] and "COLORS" not in r["config"]
+    # the saved config is this function's: its presets filled in where the fence has None
+    assert {k: r["config"][k] for k in r["settings"]} == r["settings"]
+    assert r["settings"] == {k: list(v) if isinstance(v, tuple) else v for k, v in tq.PRESETS["FUNCTION"][name].items()}
     for fig in ("trajectories", "loss", "optimality"):
         assert (out / f"figures/quadratic/{name}_{fig}.png").stat().st_size > 10000
     # the teleport keeps the loss, and ascent agrees with the closed form
@@ -97,15 +100,33 @@ def test_known_step_counts(quick):
     assert t31["steps_to_target_teleport"] == 9
 
 
-@pytest.mark.parametrize("argv,match", [(["--function=rosenbrock"], "unknown FUNCTION 'rosenbrock'"),
+def test_overrides_reach_the_run(tmp_path):
+    # x^2 + 9y^2 from (10, 0.1): grad f = (2x, 18y), so one GD step at lr 0.02 gives x = 10 - 0.4;
+    # 30 steps with the teleport before step 2 make a path of 32 points (the teleport adds one)
+    argv = ["--functions=['x2_9y2']", "--lr=0.02", "--steps=30", "--teleport-step=2", "--contour-grid=20",
+            "--fig-dpi=20", f"--out-dir={tmp_path}"]
+    results = tq.main(resolve(tq, argv))
+    assert list(results) == ["x2_9y2"] and not (tmp_path / "results/quadratic/booth.json").exists()
+    r = load_json(tmp_path / "results/quadratic/x2_9y2.json")
+    assert r["config"]["LR"] == r["settings"]["LR"] == 0.02 and r["config"]["START"] == [10.0, 0.1]
+    base, tele = r["curves"]["baseline"], r["curves"]["teleport"]
+    assert len(base["x"]) == 31 and len(tele["x"]) == 32 and r["teleport"]["step"] == 2
+    assert base["x"][1] == pytest.approx(10 - 0.02 * 20) and base["y"][1] == pytest.approx(0.1 * (1 - 0.02 * 18))
+    assert r["prop_3_2"]["newton_step_size"] == pytest.approx(0.02 * 18)
+    # a START given on the command line wins over the preset
+    tq.main(resolve(tq, argv + ["--functions=['booth']", "--start=(2.0, 1.0)"]))
+    assert load_json(tmp_path / "results/quadratic/booth.json")["curves"]["baseline"]["x"][0] == 2.0
+
+
+@pytest.mark.parametrize("argv,match", [(["--functions=['rosenbrock']"], "unknown function 'rosenbrock'"),
                                         (["--lr=-0.1"], "LR must be > 0"),
                                         (["--lr=0.2"], "LR must be < 2/lambda_max"),
                                         (["--start=(1.0,)"], "START must be a pair"),
-                                        (["--function=booth", "--start=(1.0, 3.0)"], "is the minimiser of booth"),
+                                        (["--functions=['booth']", "--start=(1.0, 3.0)"], "is the minimiser of booth"),
                                         (["--teleport-step=500"], "TELEPORT_STEP must be <= STEPS")])
 def test_bad_input_is_a_usage_error(tmp_path, argv, match):
     with pytest.raises(UsageError, match=match):
-        tq.main(configure(vars(tq), argv + [f"--out-dir={tmp_path}"]))
+        tq.main(resolve(tq, argv + [f"--out-dir={tmp_path}"]))
 
 
 @pytest.mark.slow
@@ -117,4 +138,4 @@ def test_scripts_smoke_as_subprocess(tmp_path, script):
     ok = subprocess.run([sys.executable, script, "--quick", f"--out-dir={tmp_path}"], cwd=root, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([sys.executable, script, "--no-such-option=1"], cwd=root, capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown option")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown setting")
