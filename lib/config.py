@@ -65,7 +65,10 @@ def _parse(name, text, default):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        if default is None and text.replace("_", "").replace("-", "").isalnum():
+        bare = text.replace("_", "").replace("-", "").replace(",", "").replace(".", "").isalnum()
+        if bare and isinstance(default, list):
+            return text.split(",")  # --optimizers=sgd,adam: a list of words
+        if bare and default is None:
             return text  # a None setting (filled by a preset) given a bare word: a string
         raise UsageError(f"--{name}: cannot parse {text!r} as a {type(default).__name__}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

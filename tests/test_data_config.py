@@ -1,31 +1,7 @@
-"""Data loading through the real code path on tiny files; config overrides; one-line errors."""
+"""Config overrides, atomic writes and one-line errors (data loading: tests/test_data.py)."""
 import pytest
-import torch
 
 from lib.config import UsageError, configure
-from lib.data import load, synthetic, write_fake
-
-
-@pytest.mark.parametrize("name,dim", [("MNIST", 784), ("FashionMNIST", 784), ("CIFAR10", 3072)])
-def test_load_tiny_files_in_torchvision_layout(tmp_path, name, dim):
-    write_fake(tmp_path, name, n_train=60, n_test=30, seed=1)
-    d = load(name, tmp_path, train_size=50, download=False)
-    assert d.x_train.shape == (50, dim) and d.x_test.shape == (30, dim)
-    assert d.x_train.dtype == torch.float32 and 0 <= d.x_train.min() and d.x_train.max() <= 1
-    ref = synthetic(name, 60, 30, seed=1)
-    assert torch.equal(d.y_test, ref.y_test) and torch.allclose(d.x_test, ref.x_test)
-    # the training split is a seeded random subset of the files' training images
-    idx = torch.randperm(60, generator=torch.Generator().manual_seed(0))[:50]
-    assert torch.equal(d.y_train, ref.y_train[idx]) and torch.allclose(d.x_train, ref.x_train[idx])
-    again = load(name, tmp_path, train_size=50, download=False)  # from the tensor cache
-    assert torch.equal(again.x_train, d.x_train) and any((tmp_path / "cache").iterdir())
-
-
-def test_missing_data_offline_names_data_dir(tmp_path):
-    with pytest.raises(UsageError, match="--data-dir"):
-        load("MNIST", tmp_path, download=False)
-    with pytest.raises(UsageError, match="known: MNIST, FashionMNIST, CIFAR10"):
-        load("SVHN", tmp_path)
 
 
 DEFAULTS = {"LR": 0.01, "EPOCHS": 40, "DATASET": "MNIST", "PLOT_ONLY": False, "SEEDS": [1, 2], "lower": 3}
@@ -37,6 +13,7 @@ def test_configure_overrides_and_quick():
     assert cfg["DATASET"] == "CIFAR10" and cfg["PLOT_ONLY"] is True and cfg["EPOCHS"] == 2
     assert "lower" not in cfg
     assert configure(DEFAULTS, ["--seeds=[3]", "--epochs=5"])["SEEDS"] == [3]
+    assert configure({"ARMS": ["a"]}, ["--arms=b,c-d"])["ARMS"] == ["b", "c-d"]
 
 
 @pytest.mark.parametrize("argv,match", [(["--lrate=1"], "unknown setting '--lrate=1'; did you mean --lr"),
