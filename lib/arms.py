@@ -125,6 +125,19 @@ class ArmHook:
         self.test_drift, self.after_fn, self.after = test_drift, after, None
         self.last = (max(moments.epochs), moments.n_batches - 1) if moments.epochs else None
 
+    def state_dict(self):
+        """Records and generator states, for a checkpoint (lib.progress)."""
+        return {"records": self.records, "gen": self.gen.get_state(), "after": self.after,
+                "dir_gens": {k: g.get_state() for k, g in self.dir_gens.items()}}
+
+    def load_state_dict(self, state):
+        for name, recs in state["records"].items():
+            self.records[name][:] = recs
+        self.gen.set_state(state["gen"])
+        for k, g in self.dir_gens.items():
+            g.set_state(state["dir_gens"][k])
+        self.after = state["after"]
+
     def models(self, arm):
         """The slice of the model dimension that holds `arm`'s K models."""
         a = self.arms.index(arm)

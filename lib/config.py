@@ -187,7 +187,8 @@ def resolve(module, argv=None):
 def run(main, defaults, argv=None, on_interrupt=None):
     """Resolve the config of the script whose globals are `defaults` (its QUICK_SETTINGS and
     PRESETS too) and call main(cfg). --help prints the settings. A UsageError exits with one
-    line and status 2; Ctrl-C with one line (on_interrupt(cfg) may say what was saved) and 130."""
+    line and status 2; Ctrl-C with one line (what progress was saved and the command that
+    resumes, or on_interrupt(cfg)'s words) and status 130."""
     argv = sys.argv[1:] if argv is None else argv
     quick, presets = defaults.get("QUICK_SETTINGS"), defaults.get("PRESETS")
     if "-h" in argv or "--help" in argv:
@@ -201,7 +202,7 @@ def run(main, defaults, argv=None, on_interrupt=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        said = on_interrupt(cfg) if (on_interrupt and cfg is not None) else None
-        print(f"interrupted{': ' + said if said else '; nothing was written for the unit in progress'}",
-              file=sys.stderr)
+        from lib.progress import interrupt_message
+        said = on_interrupt(cfg) if (on_interrupt and cfg is not None) else interrupt_message()
+        print(f"interrupted: {said}; the previous outputs are unchanged", file=sys.stderr)
         sys.exit(130)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 
@@ -128,3 +129,39 @@ def experiment_dirs(experiment, root="."):
     for d in dirs:
         os.makedirs(d, exist_ok=True)
     return dirs
+
+
+@contextlib.contextmanager
+def staged(root):
+    """Yield a staging folder inside `root` to write a run's whole set of outputs into; when the
+    block completes, move every file to the same place under `root` (replacing the previous
+    ones); when it fails or is interrupted, discard the staging folder: the previous complete
+    set stays in place."""
+    os.makedirs(root, exist_ok=True)
+    stage = tempfile.mkdtemp(dir=root, prefix=".staging-")
+    try:
+        yield stage
+        for folder, _, files in os.walk(stage):
+            dest = os.path.join(root, os.path.relpath(folder, stage))
+            os.makedirs(dest, exist_ok=True)
+            for f in files:
+                os.replace(os.path.join(folder, f), os.path.join(dest, f))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_replace(path, cfg):
+    """Refuse (one line) to replace a results file made with other settings, unless REPLACE:
+    only a run of the same protocol replaces saved results."""
+    from lib.progress import PLUMBING
+    if cfg.get("REPLACE") or not os.path.exists(path):
+        return
+    try:
+        saved = load_json(path).get("config", {})
+    except (OSError, ValueError):
+        return  # unreadable: nothing worth keeping
+    diff = sorted(k for k in set(saved) | set(cfg) if k not in PLUMBING and saved.get(k) != cfg.get(k))
+    if diff:
+        shown = ", ".join(f"{k}={cfg.get(k)!r} (saved: {saved.get(k)!r})" for k in diff[:3])
+        raise UsageError(f"{path} holds results made with other settings: {shown}; --out-dir=DIR writes "
+                         f"elsewhere, --replace replaces them")

@@ -83,28 +83,35 @@ def _sync(device):
 
 
 def fit(W, opt, data, act, epochs, batch_size, loss="ce", hook=None, desc="", progress=True,
-        compile=False):
+        compile=False, resume=None, on_epoch=None):
     """Train K batched models for `epochs` epochs on data (lib.data.Data) in sequential order.
     hook(epoch, i) runs before batch i of each epoch (teleports go there, and count as training
     time). Returns per-epoch curves, each a list over epochs of K values: train_loss (mean batch
     loss of the epoch), test_loss, test_acc, time_s (cumulative, evaluation excluded); and
     test_loss_init / test_acc_init before training. compile=True: the training step through
-    torch.compile, compiled before the clock starts."""
+    torch.compile, compiled before the clock starts. resume: the history of a run interrupted
+    after some epochs, whose W, optimizer and hook are already restored: training goes on from
+    there. on_epoch(hist) after every epoch (e.g. to save progress, lib.progress)."""
     from time import perf_counter
 
     from tqdm import tqdm
 
     from lib.models import evaluate
     dev = W[0].device
-    l0, a0 = evaluate(W, data.x_test, data.y_test, act, loss)
-    hist = {"train_loss": [], "test_loss": [], "test_acc": [], "time_s": [],
-            "test_loss_init": l0.tolist(), "test_acc_init": a0.tolist()}
+    if resume is None:
+        l0, a0 = evaluate(W, data.x_test, data.y_test, act, loss)
+        hist = {"train_loss": [], "test_loss": [], "test_acc": [], "time_s": [],
+                "test_loss_init": l0.tolist(), "test_acc_init": a0.tolist()}
+    else:
+        hist = {k: list(v) if k in ("train_loss", "test_loss", "test_acc", "time_s") else v
+                for k, v in resume.items()}
     if compile:  # compile for every batch shape of the epoch before the clock starts
         n = data.x_train.shape[0]
         for size in {min(batch_size, n), n % batch_size or batch_size}:
             compiled_loss_and_grads(W, data.x_train[:size], data.y_train[:size], act, loss)
-    elapsed = 0.0
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    elapsed = hist["time_s"][-1] if hist["time_s"] else 0.0
+    bar = tqdm(range(len(hist["train_loss"]), epochs), desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True, initial=len(hist["train_loss"]), total=epochs)
     for epoch in bar:
         _sync(dev)
         t0 = perf_counter()
@@ -117,5 +124,7 @@ def fit(W, opt, data, act, epochs, batch_size, loss="ce", hook=None, desc="", pr
             hist[k].append(v.tolist())
         hist["time_s"].append(elapsed)
         bar.set_postfix(train=f"{tr.mean().item():.4f}", test=f"{te.mean().item():.4f}")
+        if on_epoch is not None:
+            on_epoch(hist)
     return hist
 
