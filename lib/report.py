@@ -15,3 +15,23 @@ def markdown_table(header, rows):
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows])
+
+
+def diverged(curves, limit=1e6):
+    """Per run, the 1-based epoch at which its loss curve turned non-finite or exceeded `limit`
+    (a diverged run), or None. curves: (R, E) losses, None/nan allowed."""
+    import numpy as np
+    c = np.asarray(curves, dtype=float)
+    bad = ~np.isfinite(c) | (c > limit)
+    return [int(np.argmax(b)) + 1 if b.any() else None for b in bad]
+
+
+def finite_stats(values, keep=None):
+    """Mean and std over the runs that did not diverge (keep: (R,) bool), and how many that is.
+    Returns (mean, std, n); (nan, nan, 0) when no run is left."""
+    import numpy as np
+    v = np.asarray(values, dtype=float)
+    keep = np.isfinite(v) if keep is None else np.asarray(keep, bool) & np.isfinite(v)
+    if not keep.any():
+        return float("nan"), float("nan"), 0
+    return float(v[keep].mean()), float(v[keep].std()), int(keep.sum())

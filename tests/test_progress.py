@@ -86,3 +86,11 @@ def test_results_of_other_settings_are_not_replaced(tmp_path):
     with pytest.raises(UsageError, match="CONTROLS=False"):
         check_replace(path, {"CONTROLS": False, "EPOCHS": 40})
     check_replace(path, {"CONTROLS": False, "EPOCHS": 40, "REPLACE": True})
+
+
+def test_diverged_runs_are_found_and_left_out():
+    from lib.report import diverged, finite_stats
+    curves = [[1.0, 0.5, 0.4], [1.0, float("nan"), None], [1.0, 2e7, 3.0]]
+    assert diverged(curves) == [None, 2, 2]
+    assert finite_stats([0.4, float("nan"), 0.6]) == (0.5, pytest.approx(0.1), 2)
+    assert finite_stats([0.4, 0.5, 0.6], keep=[True, False, False]) == (0.4, 0.0, 1)
