@@ -9,27 +9,33 @@ the action of eq. (54) on all layer pairs), and correlates both with the validat
 
     python correlation.py                                   # MNIST, FashionMNIST, CIFAR10 in turn
     python correlation.py --dataset=MNIST --data-dir=../shared/data/mnist5k
-    python correlation.py --dataset=CIFAR10 --device=cuda   # CIFAR-10 is heavy on a CPU
+    python correlation.py --dataset=MNIST --lr=0.05         # any preset value can be overridden
     python correlation.py --skip-training                   # metrics from the saved weights
     python correlation.py --plot-only                       # figures and table from the JSONs
 
-Common random numbers: before draw j the generator is reseeded with DRAW_SEED * j (the authors'
-torch.manual_seed(12345 * curve_idx)), so every model sees the same 200-image batch, the same
-directions d and the same Lie-algebra elements M in draw j. This lowers the variance of the
-comparison between models. (The authors reseed the directions and M, but draw their batches from
-one shuffled DataLoader iterator that runs on across models; here the batches are shared too.)
+Common random numbers: draw j reseeds with DRAW_SEED * j (the authors' manual_seed(12345 *
+curve_idx)), so every model sees the same batch, directions d and Lie-algebra elements M in draw
+j, which lowers the variance of the comparison between models. (The authors reseed d and M but
+take batches from one DataLoader iterator that runs on across models; here batches are shared.)
 
 CPU runtime (2 shared cores, OMP_NUM_THREADS=1), real 4,000-image MNIST subset, 100 models:
 training (40 epochs) 61 s, metrics (200 draws) 176 s (up to 4 minutes each under heavy load).
 Full protocol (50,000 images), extrapolated by benchmarks/bench_correlation.py: MNIST and
 FashionMNIST about 15-20 minutes each; CIFAR-10 about 6 h of training + 1 h of metrics on a CPU
-(use --device=cuda).
+(use --device=cuda). --quick (4 models, 200 images, 2 epochs, 3 draws): well under a minute.
 
 Headline (MNIST subset; validation loss on its 1,000 test images): r(phi, val. loss) = 0.845
 (paper 0.704), r(psi, val. loss) = +0.340 (paper -0.050); but phi correlates with the final
 training loss at r = 0.998, and given the training loss the partial correlations vanish
 (phi: -0.14, p = 0.18; psi: +0.02, p = 0.84).
+
+Outputs: under OUT_DIR, results/correlation/<dataset>.json (config, environment, data, per-model
+losses, phi, psi, correlations), <dataset>_training.json (curves), <dataset>_weights.pt (for
+--skip-training), table1.md and table1.csv (Table 1 over every saved dataset); figures/correlation/
+<dataset>_{sharpness_vs_val_loss,curvature_vs_val_loss,sharpness_vs_curvature}.png.
 """
+import csv
+import io
 import math
 import os
 import time
@@ -37,28 +43,36 @@ import time
 import numpy as np
 import torch
 
-from lib.config import UsageError, check_choice, check_positive, run
-from lib.data import DATASETS, check_dataset, load
+from lib.config import UsageError, check_choice, check_positive, run, with_preset
+from lib.data import load
+from lib.io import (environment, experiment_dirs, load_json, load_results, load_tensors, relative,
+                    save_json, save_tensors, save_text)
 from lib.metrics import curvature, random_directions, random_lie_elements, sharpness
 from lib.models import activation, evaluate
-from lib.results import (environment, experiment_dirs, load_json, load_tensors, markdown_table,
-                         save_figure, save_json, save_tensors)
+from lib.plots import save_figure
+from lib.report import markdown_table
 from lib.train import fit, make_model
 
 # ---- config -------------------------------------------------------------------------------
 DATASET = "all"            # MNIST, FashionMNIST, CIFAR10, or all (the three in turn)
-N_MODELS = 100             # models per dataset; model i is seeded (i + 1) * SEED_BASE
+N_MODELS = 100             # models per dataset (>= 4); model i is seeded (i + 1) * SEED_BASE
 SEED_BASE = 54321          # the authors' seed multiplier
 EPOCHS = 40                # training epochs (the validation loss is taken after the last)
 BATCH_SIZE = 20            # SGD mini-batch, fixed sequential order
 TRAIN_SIZE = 50000         # training images (seeded subset; all of them when fewer exist)
-ACTIVATION = "leaky_relu"  # leaky_relu (slope 0.1, the paper's) or relu
-N_DRAWS = 200              # draws for phi and psi (each: one batch, 20 directions, one M per pair)
+LR = None                  # SGD learning rate (None: the dataset's preset)
+WIDTHS = None              # layer widths d_0, ..., d_L (None: the dataset's preset)
+N_DRAWS = 200              # draws for phi and psi (each: one batch, T_COUNT directions, one M per pair)
 METRIC_BATCH = 200         # training images per draw
-DRAW_SEED = 12345          # draw j reseeds with DRAW_SEED * j (shared by all models)
+DRAW_SEED = 12345          # draw j reseeds with DRAW_SEED * j (shared by all models; so draw 0
+                           # is seeded with 0 whatever DRAW_SEED, as in the authors' code)
+T_START = None             # phi's displacements are T = T_START + T_STEP * i, i < T_COUNT
+                           # (None: the dataset's preset, the authors' released grid)
+T_STEP = None              # step of that grid (None: the dataset's preset)
+T_COUNT = 20               # displacements (and directions of each kind) per draw
+CHUNK = None               # models per metric pass (None: the dataset's preset; lower saves memory)
 PSI_DTYPE = "float64"      # dtype of the curvature computation (float64 or float32)
-CONTROL = "final"          # training loss controlled for in the partial correlation:
-                           # final (full training set at the final weights) or epoch_mean
+CONTROL = "final"          # training loss the partial r controls for: final (whole set, final weights) or epoch_mean
 SKIP_TRAINING = False      # load the saved final weights instead of training
 PLOT_ONLY = False          # redraw figures and table from the saved JSONs
 DATA_DIR = "data"          # folder in torchvision's layout
@@ -66,54 +80,49 @@ DEVICE = "cpu"             # cpu, cuda or auto
 OUT_DIR = "."              # figures/correlation/ and results/correlation/ go under it
 PROGRESS = True            # tqdm bars
 FIG_DPI = 200              # PNG resolution (dots per inch)
-# per dataset: widths, SGD learning rate, displacements T = T_START + T_STEP * i, i < T_COUNT
-# (the authors' released settings), and how many models go through a metric pass at once
-PER_DATASET = {
-    "MNIST": dict(widths=[784, 16, 10, 10], lr=0.01, t_start=0.001, t_step=0.01, t_count=20, chunk=100),
-    "FashionMNIST": dict(widths=[784, 16, 10, 10], lr=0.01, t_start=0.0001, t_step=0.001, t_count=20, chunk=100),
-    "CIFAR10": dict(widths=[3072, 128, 32, 10], lr=0.02, t_start=0.0001, t_step=0.001, t_count=20, chunk=10),
-}
+# -------------------------------------------------------------------------------------------
+# the authors' released settings per dataset (with DATASET=all each is applied in turn)
+PRESETS = {"DATASETS": {
+    "MNIST": dict(WIDTHS=[784, 16, 10, 10], LR=0.01, T_START=0.001, T_STEP=0.01, CHUNK=100),
+    "FashionMNIST": dict(WIDTHS=[784, 16, 10, 10], LR=0.01, T_START=0.0001, T_STEP=0.001, CHUNK=100),
+    "CIFAR10": dict(WIDTHS=[3072, 128, 32, 10], LR=0.02, T_START=0.0001, T_STEP=0.001, CHUNK=10),
+}}
+QUICK_SETTINGS = dict(DATASET="MNIST", N_MODELS=4, EPOCHS=2, TRAIN_SIZE=200, N_DRAWS=3, METRIC_BATCH=40)
+ACT = activation("leaky_relu")  # slope 0.1 (the paper's); no ReLU: eq. (54) inverts the activation
 # Table 1 of the paper: Pearson r with the validation loss
 PAPER = {"sharpness": {"MNIST": 0.704, "FashionMNIST": 0.790, "CIFAR10": 0.899},
          "curvature": {"MNIST": -0.050, "FashionMNIST": -0.232, "CIFAR10": -0.167}}
-# -------------------------------------------------------------------------------------------
-
-_QUICK = dict(DATASET="MNIST", N_MODELS=4, EPOCHS=2, TRAIN_SIZE=200, N_DRAWS=3, METRIC_BATCH=40)
-EXPERIMENT = "correlation"
 METRICS = ("phi_sphere", "phi_orthant", "psi")
 EXCESS = ("phi_sphere_excess", "phi_orthant_excess")  # phi - L(w) on the same draw batches
 LABELS = {"phi_sphere": "sharpness (sphere)", "phi_orthant": "sharpness (positive orthant)",
           "psi": "curvature", "phi_sphere_excess": "excess sharpness phi - L(w) (sphere)",
           "phi_orthant_excess": "excess sharpness phi - L(w) (positive orthant)"}
+# the settings the trained weights depend on: --skip-training refuses to measure under others
+TRAINING = ("N_MODELS", "SEED_BASE", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "LR", "WIDTHS")
 
 
-def displacements(p):
-    """T = t_start, t_start + t_step, ..., (t_count values): the authors' np.arange grid."""
-    return [p["t_start"] + p["t_step"] * i for i in range(p["t_count"])]
+def displacements(cfg):
+    """T = T_START, T_START + T_STEP, ... (T_COUNT values): the authors' np.arange grid."""
+    return [cfg["T_START"] + cfg["T_STEP"] * i for i in range(cfg["T_COUNT"])]
 
 
-def draw(j, data, W, n_t, batch):
-    """Draw j, identical for every model (common random numbers): a batch of `batch` training
-    images, one M per layer pair (entries U[0, 1], unit Frobenius norm: lib's
-    random_lie_elements is exactly the authors' draw), n_t sphere and n_t positive-orthant
-    unit directions (eq. 4; shapes (n_t, out, in), shared by the models)."""
-    gen = torch.Generator().manual_seed(DRAW_SEED * j)
+def draw(j, data, W, n_t, batch, seed):
+    """Draw j, identical for every model (common random numbers), from a generator seeded with
+    seed * j: a batch of `batch` training images, one M per layer pair (entries U[0, 1], unit
+    Frobenius norm: lib's random_lie_elements is exactly the authors' draw), n_t sphere and n_t
+    positive-orthant unit directions (eq. 4; shapes (n_t, out, in), shared by the models)."""
+    gen = torch.Generator().manual_seed(seed * j)
     idx = torch.randperm(data.x_train.shape[0], generator=gen)[:batch].to(data.x_train.device)
     Ms = random_lie_elements(W, gen)
     return (data.x_train[idx], data.y_train[idx], Ms,
             random_directions(W, n_t, "sphere", gen), random_directions(W, n_t, "positive_orthant", gen))
 
 
-@torch.no_grad()
-def _phi(W, X, Y, act, ts, dirs):
-    return sharpness(W, X, Y, act, ts, dirs)
-
-
-def measure(W, data, act, ts, n_draws, batch, chunk, psi_dtype=torch.float64, progress=False):
+def measure(W, data, act, ts, n_draws, batch, chunk, seed, psi_dtype=torch.float64, progress=False):
     """phi (eq. 4) with sphere and positive-orthant directions, and psi (eq. 5), per model:
-    the means over n_draws draws of L(w + t_i d_i) over the displacements ts, and of the
-    curvature (eq. 47) of exp(tM).w at t = 0 under eq. (54) on all pairs. Models go through in
-    chunks of `chunk` (all n_t * chunk perturbed models in one forward pass).
+    the means over n_draws draws (see `draw`) of L(w + t_i d_i) over the displacements ts, and
+    of the curvature (eq. 47) of exp(tM).w at t = 0 under eq. (54) on all pairs. Models go
+    through in chunks of `chunk` (all n_t * chunk perturbed models in one forward pass).
     Also loss_w, the mean of L(w) itself over the same draw batches (phi - loss_w is the part of
     phi that the displacements add). W: list of (K, out, in). Returns {name: (K,) tensor}."""
     from tqdm import tqdm
@@ -122,13 +131,13 @@ def measure(W, data, act, ts, n_draws, batch, chunk, psi_dtype=torch.float64, pr
     Wd = [w.to(psi_dtype) for w in W]
     sums = {m: torch.zeros(K, dtype=torch.float64) for m in (*METRICS, "loss_w")}
     for j in tqdm(range(n_draws), desc="phi, psi", disable=not progress, leave=False, dynamic_ncols=True):
-        X, Y, Ms, d_sph, d_pos = draw(j, data, W, len(ts), batch)
+        X, Y, Ms, d_sph, d_pos = draw(j, data, W, len(ts), batch, seed)
         Ms, Xd = [M.to(psi_dtype) for M in Ms], X.to(psi_dtype)
         for s in range(0, K, chunk):
             Wc, sl = [w[s:s + chunk] for w in W], slice(s, s + chunk)
-            sums["phi_sphere"][sl] += _phi(Wc, X, Y, act, ts, d_sph).double().cpu()
-            sums["phi_orthant"][sl] += _phi(Wc, X, Y, act, ts, d_pos).double().cpu()
-            sums["loss_w"][sl] += _phi(Wc, X, Y, act, [0.0], [d[:1] for d in d_sph]).double().cpu()
+            sums["phi_sphere"][sl] += sharpness(Wc, X, Y, act, ts, d_sph).double().cpu()
+            sums["phi_orthant"][sl] += sharpness(Wc, X, Y, act, ts, d_pos).double().cpu()
+            sums["loss_w"][sl] += sharpness(Wc, X, Y, act, [0.0], [d[:1] for d in d_sph]).double().cpu()
             sums["psi"][sl] += curvature([w[sl] for w in Wd], Xd, act, Ms).double().cpu()
     return {m: v / n_draws for m, v in sums.items()}
 
@@ -164,63 +173,83 @@ def correlations(res, control):
     return out
 
 
-def train(name, cfg, data, act, p, res_dir):
-    """Train the N_MODELS models of `name` as one batched model; save the final weights."""
+def train(cfg, data, saved, res_dir):
+    """Train the N_MODELS models of cfg["DATASET"] as one batched model; save the final weights
+    and the training curves (with `saved`, the config as recorded)."""
+    name = cfg["DATASET"]
     seeds = [(i + 1) * cfg["SEED_BASE"] for i in range(cfg["N_MODELS"])]
-    W, opt = make_model(p["widths"], seeds, "sgd", p["lr"], cfg["DEVICE"])
-    hist = fit(W, opt, data, act, cfg["EPOCHS"], cfg["BATCH_SIZE"], desc=f"{name} train",
+    W, opt = make_model(cfg["WIDTHS"], seeds, "sgd", cfg["LR"], cfg["DEVICE"])
+    hist = fit(W, opt, data, ACT, cfg["EPOCHS"], cfg["BATCH_SIZE"], desc=f"{name} train",
                progress=cfg["PROGRESS"])
-    tr_final, tr_acc = evaluate(W, data.x_train, data.y_train, act)
+    tr_final, tr_acc = evaluate(W, data.x_train, data.y_train, ACT)
     save_tensors(os.path.join(res_dir, f"{name}_weights.pt"), {f"W{j}": w for j, w in enumerate(W)})
-    training = {"seeds": seeds, "history": hist, "train_loss_final": tr_final.tolist(),
-                "train_acc_final": tr_acc.tolist(), "train_time_s": hist["time_s"][-1]}
+    training = {"config": saved, "environment": environment(), "data": data.info, "seeds": seeds,
+                "history": hist, "train_loss_final": tr_final.tolist(), "train_acc_final": tr_acc.tolist(),
+                "train_time_s": hist["time_s"][-1]}
     save_json(os.path.join(res_dir, f"{name}_training.json"), training)
     return [w.detach() for w in W], training
 
 
+def load_trained(cfg, res_dir):
+    """The saved final weights and training record of cfg["DATASET"] (--skip-training)."""
+    path = os.path.join(res_dir, f"{cfg['DATASET']}_weights.pt")
+    if not os.path.exists(path):
+        raise UsageError(f"--skip-training: no saved weights at {path}; train first")
+    t = load_tensors(path, cfg["DEVICE"])
+    training = load_json(os.path.join(res_dir, f"{cfg['DATASET']}_training.json"))
+    old = training.get("config", {})
+    differ = [f"{k}={old[k]!r}" for k in TRAINING if k in old and old[k] != cfg[k]]
+    if differ:
+        raise UsageError(f"--skip-training: the saved weights were trained with {', '.join(differ)}; "
+                         f"use those values or train again")
+    W = [t[f"W{j}"] for j in range(len(t))]
+    if W[0].shape[0] != cfg["N_MODELS"]:
+        raise UsageError(f"--skip-training: saved weights hold {W[0].shape[0]} models, not {cfg['N_MODELS']}")
+    return W, training
+
+
 def run_dataset(name, cfg, res_dir):
-    p = PER_DATASET[name]
-    act = activation(cfg["ACTIVATION"])
+    """Train (or load) and measure the models of one dataset under its preset; save and return
+    the results, whose config is this dataset's resolved one."""
+    cfg = {**with_preset(cfg, PRESETS, "DATASETS", name), "DATASET": name}
+    for k in ("LR", "T_COUNT", "CHUNK"):
+        check_positive(k.lower(), cfg[k], allow_zero=False)
     data = load(name, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"])
-    n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]
-    print(f"{name}: {n_train} training / {n_test} test images (validation loss on the test images)")
-    wpath = os.path.join(res_dir, f"{name}_weights.pt")
-    if cfg["SKIP_TRAINING"]:
-        if not os.path.exists(wpath):
-            raise UsageError(f"--skip-training: no saved weights at {wpath}; train first")
-        t = load_tensors(wpath, cfg["DEVICE"])
-        W = [t[f"W{j}"] for j in range(len(t))]
-        training = load_json(os.path.join(res_dir, f"{name}_training.json"))
-        if W[0].shape[0] != cfg["N_MODELS"]:
-            raise UsageError(f"--skip-training: saved weights hold {W[0].shape[0]} models, not {cfg['N_MODELS']}")
-    else:
-        W, training = train(name, cfg, data, act, p, res_dir)
+    if cfg["WIDTHS"][0] != data.x_train.shape[1] or len(cfg["WIDTHS"]) < 3:  # psi needs a layer pair
+        raise UsageError(f"--widths={cfg['WIDTHS']}: {name} needs d_0 = {data.x_train.shape[1]}, 3 layers or more")
+    saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
+    print(f"{data.label}: {len(data.y_test)} test images (the validation loss); SGD lr {cfg['LR']}")
+    W, training = load_trained(cfg, res_dir) if cfg["SKIP_TRAINING"] else train(cfg, data, saved, res_dir)
     t0 = time.perf_counter()
-    m = measure(W, data, act, displacements(p), cfg["N_DRAWS"], cfg["METRIC_BATCH"], p["chunk"],
-                getattr(torch, cfg["PSI_DTYPE"]), cfg["PROGRESS"])
+    m = measure(W, data, ACT, displacements(cfg), cfg["N_DRAWS"], cfg["METRIC_BATCH"], cfg["CHUNK"],
+                cfg["DRAW_SEED"], getattr(torch, cfg["PSI_DTYPE"]), cfg["PROGRESS"])
     metric_time = time.perf_counter() - t0
     hist = training["history"]
-    res = {"dataset": name, "n_train": n_train, "n_test": n_test, "seeds": training["seeds"],
-           "val_loss": hist["test_loss"][-1], "val_acc": hist["test_acc"][-1],
+    res = {"config": saved, "environment": environment(), "data": data.info, "dataset": name,
+           "label": data.label, "n_train": len(data.y_train), "n_test": len(data.y_test),
+           "seeds": training["seeds"], "val_loss": hist["test_loss"][-1], "val_acc": hist["test_acc"][-1],
            "train_loss_epoch_mean": hist["train_loss"][-1], "train_loss_final": training["train_loss_final"],
-           **{k: v.tolist() for k, v in m.items()}, "displacements": displacements(p),
+           **{k: v.tolist() for k, v in m.items()}, "displacements": displacements(cfg),
            **{f"{k}_excess": (m[k] - m["loss_w"]).tolist() for k in ("phi_sphere", "phi_orthant")},
            "train_time_s": training["train_time_s"], "metric_time_s": metric_time}
     res["correlations"] = correlations(res, cfg["CONTROL"])
-    save_json(os.path.join(res_dir, f"{name}.json"), {"config": cfg, "environment": environment(), **res})
+    save_json(os.path.join(res_dir, f"{name}.json"), res)
     c = res["correlations"]
     print(f"{name}: train {res['train_time_s']:.0f} s, metrics {metric_time:.0f} s; r(val): "
           + ", ".join(f"{LABELS[k]} {c[k]['r_val']:+.3f} (partial {c[k]['partial_r_val']:+.3f})" for k in METRICS))
     return res
 
 
-def plot(res, fig_dir, control, dpi=200):
-    """Three scatter plots per dataset, one point per model, r in the legend."""
+def plot(res, fig_dir, dpi=200):
+    """Three scatter plots per dataset, one point per model coloured by its training loss (the
+    one the saved correlations control for), r in the legend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    name, c = res["dataset"], res["correlations"]
+    from scipy.stats import pearsonr
+    name, c, control = res["dataset"], res["correlations"], res["config"]["CONTROL"]
+    label = res.get("label", f"{name} ({res['n_train']:,} train)")  # results saved without a label
     tr = np.asarray(res[f"train_loss_{control}"])
     pairs = {"sharpness_vs_val_loss": [("phi_sphere", "val_loss"), ("phi_orthant", "val_loss")],
              "curvature_vs_val_loss": [("psi", "val_loss")],
@@ -233,74 +262,64 @@ def plot(res, fig_dir, control, dpi=200):
             if yk == "val_loss":
                 lab = f"r = {c[xk]['r_val']:.3f}, partial r | train loss = {c[xk]['partial_r_val']:.3f}"
             else:
-                from scipy.stats import pearsonr
                 lab = f"r = {pearsonr(x, y)[0]:.3f}"
             sc = ax.scatter(x, y, c=tr, cmap="viridis", s=14)
             ax.set_xlabel(f"{LABELS[xk]} " + ("$\\phi$" if xk.startswith("phi") else "$\\psi$"))
             ax.set_ylabel("validation loss" if yk == "val_loss" else "curvature $\\psi$")
             ax.legend(handles=[Line2D([], [], ls="", marker="o", color="0.5", label=lab)], loc="best", fontsize=8)
-            ax.set_title(f"{name}, {len(x)} models")
+            ax.set_title(f"{label}, {len(x)} models")
         fig.colorbar(sc, ax=axes[0].tolist(), label=f"training loss ({control})")
         save_figure(fig, os.path.join(fig_dir, f"{name}_{fname}.png"), dpi=dpi)
 
 
 def table(res_dir):
-    """Table 1 from every <dataset>.json in res_dir: our r next to the paper's."""
-    import csv
-    from lib.results import atomic_path
-    found = {n: load_json(os.path.join(res_dir, f"{n}.json")) for n in DATASETS
+    """Table 1 from every <dataset>.json in res_dir: our r next to the paper's (Markdown, CSV)."""
+    found = {n: load_json(os.path.join(res_dir, f"{n}.json")) for n in PRESETS["DATASETS"]
              if os.path.exists(os.path.join(res_dir, f"{n}.json"))}
     if not found:
         return None
-    rows, header = [], ["measure"] + [f"{n} {w}" for n in found for w in ("ours", "paper")]
-    for m in METRICS:
-        paper = PAPER["curvature" if m == "psi" else "sharpness"]
-        cell = lambda n, k: found[n]["correlations"][m][k]  # noqa: E731
-        pap = lambda n: paper[n]  # noqa: E731
-        rows.append([f"{LABELS[m]}: r with val. loss"] + [v for n in found for v in (cell(n, "r_val"), pap(n))])
-        rows.append([f"{LABELS[m]}: partial r given train loss"] + [v for n in found for v in (cell(n, "partial_r_val"), "-")])
-        rows.append([f"{LABELS[m]}: r with train loss"] + [v for n in found for v in (cell(n, "r_train"), "-")])
-    for m in EXCESS:
-        cell = lambda n, k: found[n]["correlations"][m][k]  # noqa: E731
-        rows.append([f"{LABELS[m]}: r with val. loss"] + [v for n in found for v in (cell(n, "r_val"), "-")])
-        rows.append([f"{LABELS[m]}: partial r given train loss"] + [v for n in found for v in (cell(n, "partial_r_val"), "-")])
-    rows.append(["train loss: r with val. loss"] + [v for n in found for v in (found[n]["correlations"]["train_loss"]["r_val"], "-")])
-    sizes = ", ".join(f"{n}: {f['n_models'] if 'n_models' in f else len(f['seeds'])} models, "
-                      f"{f['n_train']} train / {f['n_test']} test images" for n, f in found.items())
+    header = ["measure"] + [f"{n} {w}" for n in found for w in ("ours", "paper")]
+
+    def row(title, m, k, paper=None):
+        return [title] + [v for n in found for v in (found[n]["correlations"][m][k], paper[n] if paper else "-")]
+    rows = []
+    for m in (*METRICS, *EXCESS):
+        paper = PAPER["curvature" if m == "psi" else "sharpness"] if m in METRICS else None
+        rows.append(row(f"{LABELS[m]}: r with val. loss", m, "r_val", paper))
+        rows.append(row(f"{LABELS[m]}: partial r given train loss", m, "partial_r_val"))
+        if m in METRICS:
+            rows.append(row(f"{LABELS[m]}: r with train loss", m, "r_train"))
+    rows.append(row("train loss: r with val. loss", "train_loss", "r_val"))
+    sizes = ", ".join(f"{n}: {len(f['seeds'])} models, {f['n_train']} train / {f['n_test']} test images"
+                      for n, f in found.items())
+    control = next(iter(found.values()))["config"]["CONTROL"]
     md = (f"# Table 1: Pearson correlation with the validation loss\n\n{markdown_table(header, rows)}\n\n"
-          f"{sizes}. The paper's sharpness r is repeated on both sharpness rows: the paper defines "
-          f"phi with unit-sphere directions (eq. 4), the authors' code draws positive-orthant ones. Partial r: controlling for the training loss "
-          f"({found[next(iter(found))]['config']['CONTROL']}).\n")
-    with atomic_path(os.path.join(res_dir, "table1.md")) as tmp, open(tmp, "w") as fh:
-        fh.write(md)
-    with atomic_path(os.path.join(res_dir, "table1.csv")) as tmp, open(tmp, "w", newline="") as fh:
-        csv.writer(fh).writerows([header] + [[f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows])
+          f"{sizes}. The paper's sharpness r is repeated on both sharpness rows: the paper defines phi "
+          f"with unit-sphere directions (eq. 4), the authors' code draws positive-orthant ones. "
+          f"Partial r: controlling for the training loss ({control}).\n")
+    save_text(os.path.join(res_dir, "table1.md"), md)
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header] + [[f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows])
+    save_text(os.path.join(res_dir, "table1.csv"), buf.getvalue())
     return md
 
 
 def main(cfg):
-    names = list(PER_DATASET) if cfg["DATASET"] == "all" else [cfg["DATASET"]]
-    if cfg["DATASET"] != "all":
-        check_dataset(cfg["DATASET"])
-    check_choice("activation", cfg["ACTIVATION"], ["leaky_relu", "relu"])
+    check_choice("dataset", cfg["DATASET"], [*PRESETS["DATASETS"], "all"])
     check_choice("psi dtype", cfg["PSI_DTYPE"], ["float64", "float32"])
     check_choice("control", cfg["CONTROL"], ["final", "epoch_mean"])
     for k in ("N_MODELS", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "N_DRAWS", "METRIC_BATCH", "FIG_DPI"):
         check_positive(k.lower(), cfg[k], allow_zero=False)
     if cfg["N_MODELS"] < 4:
         raise UsageError(f"n_models must be >= 4 for a partial correlation, got {cfg['N_MODELS']}")
-    if cfg["ACTIVATION"] == "relu":
-        raise UsageError("the action of eq. (54) needs an invertible activation: use leaky_relu")
-    fig_dir, res_dir = experiment_dirs(EXPERIMENT, cfg["OUT_DIR"])
+    fig_dir, res_dir = experiment_dirs("correlation", cfg["OUT_DIR"])
+    names = list(PRESETS["DATASETS"]) if cfg["DATASET"] == "all" else [cfg["DATASET"]]
+    path = lambda n: os.path.join(res_dir, f"{n}.json")  # noqa: E731
+    if cfg["PLOT_ONLY"] and cfg["DATASET"] == "all":  # every dataset that has saved results
+        names = [n for n in names if os.path.exists(path(n))] or names[:1]
     for name in names:
-        if cfg["PLOT_ONLY"]:
-            path = os.path.join(res_dir, f"{name}.json")
-            if not os.path.exists(path):
-                raise UsageError(f"--plot-only: no results at {path}")
-            res = load_json(path)
-        else:
-            res = run_dataset(name, cfg, res_dir)
-        plot(res, fig_dir, cfg["CONTROL"], cfg["FIG_DPI"])
+        res = load_results(path(name)) if cfg["PLOT_ONLY"] else run_dataset(name, cfg, res_dir)
+        plot(res, fig_dir, cfg["FIG_DPI"])
     md = table(res_dir)
     if md:
         print(md)
@@ -308,4 +327,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, globals(), _QUICK)
+    run(main, globals())

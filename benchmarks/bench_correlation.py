@@ -11,8 +11,12 @@ Both baselines are measured on one model and multiplied by N_MODELS: every model
 same. Also checks that model 0's loss and metrics agree between the two ways.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_correlation.py --data-dir=../shared/data/mnist5k
+    python benchmarks/bench_correlation.py --quick --data-dir=../shared/data/mnist5k   # seconds
 
 CPU runtime: a few minutes (2 shared cores).
+
+Outputs: printed only (timings, ratios and the full-protocol estimates); nothing is written but
+lib.data's tensor cache under DATA_DIR.
 """
 import os
 import sys
@@ -23,9 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import correlation  # noqa: E402
-from lib.config import check_positive, run  # noqa: E402
-from lib.data import load  # noqa: E402
-from lib.models import Activation  # noqa: E402
+from lib.config import check_positive, resolve, run, with_preset  # noqa: E402
+from lib.data import load, synthetic  # noqa: E402
 from lib.train import make_model, train_epoch  # noqa: E402
 
 # ---- config -----------------------------------------------------------------------------------
@@ -35,12 +38,14 @@ N_DRAWS = 2                # metric draws per timed pass
 REPEATS = 3                # interleaved repeats; medians are reported
 ESTIMATE_STEPS = 20        # training steps timed per dataset for the full-protocol estimates
 DATA_DIR = "data"          # torchvision layout (--data-dir)
-DEVICE = "cpu"             # cpu or cuda
-OUT_DIR = "."              # unused; accepted for symmetry with the scripts
+DEVICE = "cpu"             # cpu, cuda or auto
 # ------------------------------------------------------------------------------------------------
-_QUICK = {"N_MODELS": 10, "TRAIN_IMAGES": 200, "N_DRAWS": 1, "REPEATS": 1, "ESTIMATE_STEPS": 2}
-ACT = Activation(0.1)
-P = correlation.PER_DATASET["MNIST"]
+QUICK_SETTINGS = {"N_MODELS": 10, "TRAIN_IMAGES": 200, "N_DRAWS": 1, "REPEATS": 1, "ESTIMATE_STEPS": 2}
+ACT = correlation.ACT
+# correlation.py's default settings with each dataset's preset (widths, lr, displacements, chunk)
+SETTINGS = {n: with_preset(resolve(correlation), correlation.PRESETS, "DATASETS", n)
+            for n in correlation.PRESETS["DATASETS"]}
+P = SETTINGS["MNIST"]
 
 
 def _timed(fn):
@@ -54,21 +59,22 @@ def main(cfg):
         check_positive(k.lower(), cfg[k], allow_zero=False)
     data = load("MNIST", cfg["DATA_DIR"], cfg["DEVICE"])
     X, Y = data.x_train[:cfg["TRAIN_IMAGES"]], data.y_train[:cfg["TRAIN_IMAGES"]]
-    seeds = [(i + 1) * 54321 for i in range(cfg["N_MODELS"])]
-    ts = correlation.displacements(P)
-    W0, _ = make_model(P["widths"], seeds[:1], "sgd", P["lr"], cfg["DEVICE"])
-    correlation.measure(W0, data, ACT, ts, 1, 200, 1)  # warm-up: forward-mode AD loads once
+    seeds = [(i + 1) * P["SEED_BASE"] for i in range(cfg["N_MODELS"])]
+    ts, seed = correlation.displacements(P), P["DRAW_SEED"]
+    W0, _ = make_model(P["WIDTHS"], seeds[:1], "sgd", P["LR"], cfg["DEVICE"])
+    correlation.measure(W0, data, ACT, ts, 1, 200, 1, seed)  # warm-up: forward-mode AD loads once
     rows = {"train_batched": [], "train_single": [], "metric_batched": [], "metric_single": []}
     for r in range(cfg["REPEATS"]):
-        Wb, ob = make_model(P["widths"], seeds, "sgd", P["lr"], cfg["DEVICE"])
-        Ws, os_ = make_model(P["widths"], seeds[:1], "sgd", P["lr"], cfg["DEVICE"])
+        Wb, ob = make_model(P["WIDTHS"], seeds, "sgd", P["LR"], cfg["DEVICE"])
+        Ws, os_ = make_model(P["WIDTHS"], seeds[:1], "sgd", P["LR"], cfg["DEVICE"])
         tb, lb = _timed(lambda: train_epoch(Wb, ob, X, Y, ACT, 20))
         ts1, ls = _timed(lambda: train_epoch(Ws, os_, X, Y, ACT, 20))
         assert torch.allclose(lb[:1], ls, rtol=1e-4), (lb[0], ls)
         rows["train_batched"].append(tb)
         rows["train_single"].append(ts1)
-        mb_t, mb = _timed(lambda: correlation.measure(Wb, data, ACT, ts, cfg["N_DRAWS"], 200, P["chunk"]))
-        ms_t, ms = _timed(lambda: correlation.measure([w[:1] for w in Wb], data, ACT, ts, cfg["N_DRAWS"], 200, 1))
+        mb_t, mb = _timed(lambda: correlation.measure(Wb, data, ACT, ts, cfg["N_DRAWS"], 200, P["CHUNK"], seed))
+        ms_t, ms = _timed(lambda: correlation.measure([w[:1] for w in Wb], data, ACT, ts, cfg["N_DRAWS"], 200, 1,
+                                                      seed))
         for m in correlation.METRICS:
             assert torch.allclose(mb[m][:1], ms[m], rtol=1e-4), m
         rows["metric_batched"].append(mb_t)
@@ -83,7 +89,7 @@ def main(cfg):
     print(f"metrics ({cfg['N_DRAWS']} draws), per model: batched {1e3 * med['metric_batched'] / K:.1f} ms, "
           f"one at a time {1e3 * med['metric_single']:.1f} ms; "
           f"ratio {K * med['metric_single'] / med['metric_batched']:.1f}x")
-    med["estimates_h"] = {n: estimate(n, cfg) for n in correlation.PER_DATASET}
+    med["estimates_h"] = {n: estimate(n, cfg) for n in SETTINGS}
     return med
 
 
@@ -91,13 +97,13 @@ def estimate(name, cfg):
     """Full protocol of `name` (50,000 training images, 40 epochs, N_DRAWS=200) extrapolated
     from ESTIMATE_STEPS timed training steps and one timed metric draw, on synthetic tensors of
     the dataset's shape. Returns hours."""
-    p = correlation.PER_DATASET[name]
-    from lib.data import synthetic
+    p = SETTINGS[name]
     data = synthetic(name, 20 * cfg["ESTIMATE_STEPS"], 20, device=cfg["DEVICE"])
-    W, opt = make_model(p["widths"], [(i + 1) * 54321 for i in range(cfg["N_MODELS"])], "sgd", p["lr"], cfg["DEVICE"])
+    seeds = [(i + 1) * p["SEED_BASE"] for i in range(cfg["N_MODELS"])]
+    W, opt = make_model(p["WIDTHS"], seeds, "sgd", p["LR"], cfg["DEVICE"])
     t_train, _ = _timed(lambda: train_epoch(W, opt, data.x_train, data.y_train, ACT, 20))
     t_draw, _ = _timed(lambda: correlation.measure(W, data, ACT, correlation.displacements(p), 1,
-                                                   min(200, data.x_train.shape[0]), p["chunk"]))
+                                                   min(200, data.x_train.shape[0]), p["CHUNK"], p["DRAW_SEED"]))
     train_h = t_train / cfg["ESTIMATE_STEPS"] * (50000 / 20) * 40 / 3600
     metric_h = t_draw * 200 / 3600
     print(f"{name} full protocol ({cfg['N_MODELS']} models, 50,000 images, 40 epochs, 200 draws): "
@@ -106,4 +112,4 @@ def estimate(name, cfg):
 
 
 if __name__ == "__main__":
-    run(main, globals(), _QUICK)
+    run(main, globals())

@@ -1,6 +1,8 @@
 """correlation.py (Table 1, Figures 9-10): smoke run on tiny files through the real loader,
-batched metrics equal per-model ones, the partial correlation against its closed form."""
+--lr and --draw-seed reach the run, --plot-only on the committed results, batched metrics equal
+per-model ones, the partial correlation against its closed form."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,15 +12,16 @@ import torch
 
 from conftest import ROOT
 from lib.actions import GLAction
-from lib.config import configure, run
+from lib.config import UsageError, resolve, run, with_preset
 from lib.data import synthetic, write_fake
+from lib.io import load_json, load_tensors
 from lib.models import Activation, init_mlp
-from lib.results import load_json
 
 sys.path.insert(0, ROOT)
 import correlation  # noqa: E402
 
 ACT = Activation(0.1)
+MNIST = with_preset(resolve(correlation), correlation.PRESETS, "DATASETS", "MNIST")
 
 
 def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_path):
@@ -26,16 +29,21 @@ def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_pa
     out = tmp_path / "out"
     args = ["--quick", f"--data-dir={tmp_path / 'data'}", f"--out-dir={out}", "--progress=False",
             "--n-draws=2", "--fig-dpi=40"]
-    run(correlation.main, vars(correlation), correlation._QUICK, argv=args)  # in-process: shares warm-up
+    run(correlation.main, vars(correlation), argv=args)  # in-process: shares warm-up
     res_dir, fig_dir = out / "results" / "correlation", out / "figures" / "correlation"
     for f in ("table1.md", "table1.csv", "MNIST.json", "MNIST_training.json", "MNIST_weights.pt"):
         assert (res_dir / f).stat().st_size > 0, f
     for f in ("sharpness_vs_val_loss", "curvature_vs_val_loss", "sharpness_vs_curvature"):
         assert (fig_dir / f"MNIST_{f}.png").read_bytes()[:4] == b"\x89PNG"
     res = load_json(res_dir / "MNIST.json")
-    K = correlation._QUICK["N_MODELS"]
+    K = correlation.QUICK_SETTINGS["N_MODELS"]
     assert res["n_train"] == 120 and res["n_test"] == 60  # all training images when fewer than TRAIN_SIZE
-    assert res["config"]["QUICK"] and res["environment"]["torch"] == torch.__version__
+    assert res["data"] == {"name": "MNIST", "source": "data_dir", "n_train": 120, "n_test": 60}
+    assert res["label"] == "MNIST (120 train)" and res["environment"]["torch"] == torch.__version__
+    cfg = res["config"]  # the per-dataset resolved config: presets filled, no absolute paths
+    assert cfg["QUICK"] and cfg["DATASET"] == "MNIST" and cfg["LR"] == 0.01 and cfg["WIDTHS"] == [784, 16, 10, 10]
+    assert cfg["DATA_DIR"] == str(tmp_path / "data")  # outside the repository: kept as given
+    assert load_json(res_dir / "MNIST_training.json")["config"] == cfg
     for m in ("phi_sphere", "phi_orthant", "psi", "val_loss", "train_loss_final", "loss_w", "phi_sphere_excess"):
         assert len(res[m]) == K and all(np.isfinite(res[m]))
     assert np.allclose(np.array(res["phi_sphere"]) - res["loss_w"], res["phi_sphere_excess"])
@@ -46,13 +54,67 @@ def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_pa
     csv = (res_dir / "table1.csv").read_text().splitlines()
     assert csv[0] == "measure,MNIST ours,MNIST paper" and len(csv) == 15
     # metrics again from the saved weights (weights_only load): the same numbers, no training
-    cfg = configure(vars(correlation), args + ["--skip-training"], correlation._QUICK)
     mtime = (res_dir / "MNIST_weights.pt").stat().st_mtime_ns
-    correlation.main(cfg)
+    correlation.main(resolve(correlation, args + ["--skip-training"]))
     again = load_json(res_dir / "MNIST.json")
     assert (res_dir / "MNIST_weights.pt").stat().st_mtime_ns == mtime
     for m in ("phi_sphere", "phi_orthant", "psi", "val_loss"):
         assert np.allclose(again[m], res[m], rtol=1e-6)
+
+
+def test_lr_and_draw_seed_reach_the_run_and_are_recorded(tmp_path):
+    write_fake(tmp_path / "data", "MNIST", n_train=100, n_test=40, seed=3)
+    args = ["--quick", f"--data-dir={tmp_path / 'data'}", "--progress=False", "--n-draws=2"]
+    cfg = lambda out, *more: resolve(correlation, args + [f"--out-dir={tmp_path / out}", *more])  # noqa: E731
+    results = lambda out: tmp_path / out / "results" / "correlation"  # noqa: E731
+    for out in ("default", "lr"):
+        os.makedirs(results(out))
+    base = correlation.run_dataset("MNIST", cfg("default"), results("default"))
+    fast = correlation.run_dataset("MNIST", cfg("lr", "--lr=0.05"), results("lr"))
+    assert base["config"]["LR"] == 0.01 and fast["config"]["LR"] == 0.05
+    assert load_json(results("lr") / "MNIST_training.json")["config"]["LR"] == 0.05
+    w0, w1 = (load_tensors(results(out) / "MNIST_weights.pt") for out in ("default", "lr"))
+    assert not torch.allclose(w0["W0"], w1["W0"])
+    assert not np.allclose(base["train_loss_final"], fast["train_loss_final"])
+    assert not np.allclose(base["phi_sphere"], fast["phi_sphere"])
+    # other draws on the same weights: other phi and psi, same validation losses; equal seeds
+    # give equal numbers
+    seeded = [correlation.run_dataset("MNIST", cfg("lr", "--lr=0.05", "--skip-training", "--draw-seed=7"),
+                                      results("lr")) for _ in range(2)]
+    assert seeded[0]["config"]["DRAW_SEED"] == 7 and seeded[0]["val_loss"] == fast["val_loss"]
+    for m in ("phi_sphere", "phi_orthant", "psi"):
+        assert not np.allclose(seeded[0][m], fast[m]), m
+        assert seeded[0][m] == seeded[1][m], m
+    # the saved weights were trained with lr 0.05: measuring them under another lr is refused
+    with pytest.raises(UsageError, match="trained with LR=0.05"):
+        correlation.run_dataset("MNIST", cfg("lr", "--skip-training"), results("lr"))
+
+
+def test_all_datasets_take_each_preset_and_the_users_value_wins():
+    assert resolve(correlation)["DATASET"] == "all" and resolve(correlation)["LR"] is None
+    lrs = {n: with_preset(resolve(correlation), correlation.PRESETS, "DATASETS", n)["LR"]
+           for n in ("MNIST", "FashionMNIST", "CIFAR10")}
+    assert lrs == {"MNIST": 0.01, "FashionMNIST": 0.01, "CIFAR10": 0.02}
+    cfg = resolve(correlation, ["--lr=0.05", "--widths=[784, 32, 10]"])
+    for n in lrs:
+        got = with_preset(cfg, correlation.PRESETS, "DATASETS", n)
+        assert got["LR"] == 0.05 and got["WIDTHS"] == [784, 32, 10]
+    assert correlation.displacements(MNIST)[:3] == pytest.approx([0.001, 0.011, 0.021])
+    assert len(correlation.displacements(MNIST)) == 20
+
+
+def test_plot_only_redraws_the_committed_results_and_reproduces_the_table(tmp_path):
+    # the committed results were saved before the settings were renamed: plot-only reads only
+    # what it needs from them
+    committed = os.path.join(ROOT, "results", "correlation")
+    res_dir = tmp_path / "results" / "correlation"
+    os.makedirs(res_dir)
+    shutil.copy(os.path.join(committed, "MNIST.json"), res_dir)
+    run(correlation.main, vars(correlation), argv=["--plot-only", f"--out-dir={tmp_path}", "--fig-dpi=30"])
+    for f in ("table1.md", "table1.csv"):
+        assert (res_dir / f).read_bytes() == open(os.path.join(committed, f), "rb").read(), f
+    for f in ("sharpness_vs_val_loss", "curvature_vs_val_loss", "sharpness_vs_curvature"):
+        assert (tmp_path / "figures" / "correlation" / f"MNIST_{f}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
@@ -69,10 +131,11 @@ def test_cli_smoke_run_as_subprocess(tmp_path):
 def test_batched_metrics_equal_each_model_alone():
     data = synthetic("MNIST", 60, 20, seed=1)
     W = init_mlp([784, 16, 10, 10], [54321 * (i + 1) for i in range(3)])
-    ts = correlation.displacements(correlation.PER_DATASET["MNIST"])[:5]
-    batched = correlation.measure(W, data, ACT, ts, n_draws=1, batch=30, chunk=2)
+    ts = correlation.displacements(MNIST)[:5]
+    batched = correlation.measure(W, data, ACT, ts, n_draws=1, batch=30, chunk=2, seed=12345)
     for k in range(3):
-        alone = correlation.measure([w[k:k + 1] for w in W], data, ACT, ts, n_draws=1, batch=30, chunk=1)
+        alone = correlation.measure([w[k:k + 1] for w in W], data, ACT, ts, n_draws=1, batch=30, chunk=1,
+                                    seed=12345)
         for m in correlation.METRICS:
             assert torch.allclose(alone[m], batched[m][k:k + 1], rtol=1e-5), m
     # the models differ, so the metrics do: the test would catch a broadcast of model 0
@@ -83,10 +146,11 @@ def test_draws_are_common_random_numbers_and_the_authors_lie_elements():
     data = synthetic("MNIST", 60, 20, seed=1)
     W2 = init_mlp([784, 16, 10, 10], [1, 2])
     W5 = init_mlp([784, 16, 10, 10], [3, 4, 5, 6, 7])
-    a, b = correlation.draw(4, data, W2, 7, 30), correlation.draw(4, data, W5, 7, 30)
+    a, b = correlation.draw(4, data, W2, 7, 30, 12345), correlation.draw(4, data, W5, 7, 30, 12345)
     assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[2] + a[3] + a[4], b[2] + b[3] + b[4]))
-    c = correlation.draw(5, data, W2, 7, 30)
-    assert not torch.equal(a[0], c[0])
+    c, e = correlation.draw(5, data, W2, 7, 30, 12345), correlation.draw(4, data, W2, 7, 30, 777)
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], e[0])
+    assert torch.equal(a[3][0], correlation.draw(4, data, W2, 7, 30, 12345)[3][0])
     for M, n in zip(a[2], (16, 10)):  # one M per pair, entries in [0, 1], unit Frobenius norm
         assert M.shape == (n, n) and (M >= 0).all() and torch.isclose(M.norm(), torch.tensor(1.0))
     assert all((d >= 0).all() for d in a[4]) and any((d < 0).any() for d in a[3])
@@ -120,10 +184,11 @@ def test_gl54_shared_input_pseudo_inverse_equals_per_model():
 @pytest.mark.parametrize("argv,match", [(["--dataset=SVHN"], "unknown dataset 'SVHN'"),
                                         (["--n-draws=-3"], "n_draws must be > 0"),
                                         (["--psi-dtype=float16"], "unknown psi dtype"),
-                                        (["--plot-only"], "--plot-only: no results at")])
+                                        (["--lr=-1"], "lr must be > 0"),
+                                        (["--plot-only"], "--plot-only: no saved results at")])
 def test_bad_input_is_one_line_error(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        run(correlation.main, vars(correlation), correlation._QUICK, argv=argv + [f"--out-dir={tmp_path}"])
+        run(correlation.main, vars(correlation), argv=argv + [f"--out-dir={tmp_path}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1
 
