@@ -68,8 +68,8 @@ def _parse(name, text, default):
         bare = text.replace("_", "").replace("-", "").replace(",", "").replace(".", "").isalnum()
         if bare and isinstance(default, list):
             return text.split(",")  # --optimizers=sgd,adam: a list of words
-        if bare and default is None:
-            return text  # a None setting (filled by a preset) given a bare word: a string
+        if default is None:
+            return text  # a None setting (filled by a preset, or a path) given words: a string
         raise UsageError(f"--{name}: cannot parse {text!r} as a {type(default).__name__}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -107,7 +107,7 @@ def loss_and_grads(W, X, Y, act, loss="ce"):
     K, L = W[0].shape[0], len(W)
     h, hs, masks = forward(W[:1], X, act), [X], []
     for w in W[1:]:
-        m = torch.where(h > 0, 1.0, act.slope).to(h.dtype)  # sigma'(z): LeakyReLU is z * sigma'(z)
+        m = act.derivative(h)  # sigma'(z) in h's dtype: LeakyReLU is z * sigma'(z)
         h = h * m
         masks.append(m)
         hs.append(h)
