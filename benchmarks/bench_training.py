@@ -1,24 +1,32 @@
 """Speed of one epoch of the Figure-5 protocol (5 seeds, 784-16-10-10 MLP, batch 20, AdaGrad),
-three ways in one run, interleaved (the machine's speed drifts; others share the CPU):
+several ways in one run, interleaved (the machine's speed drifts; others share the CPU):
 
   textbook  torchvision MNIST with a ToTensor transform through a DataLoader, one nn.Module
             model at a time (what most research code does, the authors' included);
   per-seed  lib's engine on preloaded tensors, one model (K=1) at a time;
-  batched   lib's engine, the 5 seeds as one batched model (K=5).
+  batched   lib's engine, the 5 seeds as one batched model (K=5);
+  compiled  the batched engine with its training step through torch.compile (COMPILE).
 
-All three start from the same weights and see the same images in the same order, so their
-per-seed epoch losses agree (checked and printed). Also times one teleport moment of the
-protocol (8 batches of 200, 10 steps, all 5 seeds) against one batched training epoch.
+All start from the same weights and see the same images in the same order, so their per-seed
+epoch losses agree (checked and printed). Also times one teleport moment of the protocol (8
+batches of 200, 10 steps, all seeds; lib.arms.ArmHook with the teleport arm) against one batched
+training epoch.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_training.py --data-dir=../shared/data/mnist5k
+    python benchmarks/bench_training.py --data-dir=../shared/data/mnist5k --quick   # ~1,000 images, no compile
 
 CPU runtime: about a minute on the 4,000-image subset (2 cores). Measured there (median of 3
 interleaved repeats, load average 0.5, one thread): textbook 0.276 s, per-seed 0.059 s, batched
-0.0165 s, batched + torch.compile 0.0102 s per seed-epoch, i.e. 16.7x and 27.0x faster than the
-textbook loop, with losses equal to 3e-7. The eager engine (lib.models.loss_and_grads: hand-written
-backpropagation, fused torch.optim) spends ~0.42 ms per batched step, mostly the per-kernel overhead
-of ~30 small ops; torch.compile fuses them (compiled once per shape, ~20 s, before the timing).
-One teleport moment = 0.6 of a 50,000-image epoch.
+0.0165 s, compiled 0.0102 s per seed-epoch: the batched engine is 16.7x faster than the textbook
+loop, and torch.compile makes it 1.6x faster per seed-epoch still, with losses equal to 3e-7.
+The eager engine (lib.models.loss_and_grads: hand-written backpropagation, fused torch.optim)
+spends ~0.42 ms per batched step, mostly the per-kernel overhead of ~30 small ops; torch.compile
+fuses them (compiled once per shape, ~20 s, before the timing). One teleport moment = 0.6 of a
+50,000-image epoch.
+
+Outputs: OUT_DIR/bench_training.json (the resolved config, the environment, the median seconds
+per way and the per-seed epoch losses); OUT_DIR defaults to runs/bench (git-ignored), never the
+committed results/. The numbers are also printed.
 """
 import os
 import sys
@@ -29,36 +37,45 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lib.actions import GLAction  # noqa: E402
-from lib.config import check_positive, run  # noqa: E402
+from lib.arms import Arm, ArmHook, Moments  # noqa: E402
+from lib.config import UsageError, check_choice, check_positive, run  # noqa: E402
 from lib.data import load  # noqa: E402
+from lib.io import environment, relative, save_json  # noqa: E402
 from lib.models import Activation, init_mlp  # noqa: E402
 from lib.optim import make_optimizer  # noqa: E402
 from lib.teleport import make_objective  # noqa: E402
-from lib.train import TeleportHook, make_model, train_epoch  # noqa: E402
+from lib.train import make_model, train_epoch  # noqa: E402
 
 # ---- config -----------------------------------------------------------------------------------
-DATASET = "MNIST"          # torchvision dataset read by the textbook loop (MNIST layout)
+DATASET = "MNIST"          # MNIST or FashionMNIST, read by the textbook loop through torchvision
 N_RUNS = 5                 # seeds (r+1)*54321
 TRAIN_SIZE = 50000         # seeded training subset, as teleport_optimization.py
 BATCH_SIZE = 20            # mini-batch size
 OPTIMIZER = "adagrad"      # sgd, momentum, adagrad, rmsprop, adam
 LR = 1e-2                  # learning rate
 REPEATS = 3                # interleaved repeats; medians are reported
-DATA_DIR = "data"          # torchvision layout (--data-dir)
-DEVICE = "cpu"             # cpu only: the textbook loop is a CPU habit
-OUT_DIR = "."              # unused; accepted for symmetry with the scripts
+COMPILE = True             # also time the torch.compile'd engine (~20 s to compile, before the timing)
+DATA_DIR = "data"          # torchvision layout with plain (not gzipped) IDX files (--data-dir)
+OUT_DIR = "runs/bench"     # bench_training.json goes here (git-ignored by default)
 # ------------------------------------------------------------------------------------------------
-_QUICK = {"REPEATS": 1, "N_RUNS": 2}
+QUICK_SETTINGS = {"REPEATS": 1, "N_RUNS": 2, "TRAIN_SIZE": 1000, "COMPILE": False}
 WIDTHS = [784, 16, 10, 10]
 ACT = Activation(0.1)
 
 
-def textbook_epoch(cfg, W0, idx):
-    """One epoch per seed the usual way: DataLoader over a torchvision dataset with ToTensor."""
+def textbook_dataset(cfg):
     import torchvision
+    try:
+        return getattr(torchvision.datasets, cfg["DATASET"])(cfg["DATA_DIR"], train=True, download=False,
+                                                             transform=torchvision.transforms.ToTensor())
+    except RuntimeError:
+        raise UsageError(f"the textbook loop reads {cfg['DATASET']} through torchvision: pass --data-dir=PATH to "
+                         f"a folder with <name>/raw/*-ubyte (plain IDX files)") from None
+
+
+def textbook_epoch(cfg, ds, W0, idx):
+    """One epoch per seed the usual way: DataLoader over a torchvision dataset with ToTensor."""
     from torch.utils.data import DataLoader, Subset
-    ds = torchvision.datasets.MNIST(cfg["DATA_DIR"], train=True, download=False,
-                                    transform=torchvision.transforms.ToTensor())
     loader = DataLoader(Subset(ds, idx.tolist()), batch_size=cfg["BATCH_SIZE"], shuffle=False)
     losses = []
     for k in range(W0[0].shape[0]):
@@ -80,49 +97,55 @@ def textbook_epoch(cfg, W0, idx):
     return losses
 
 
+def copy_model(cfg, W0, rows):
+    W, opt = make_model(WIDTHS, [0] * len(rows), cfg["OPTIMIZER"], cfg["LR"])
+    with torch.no_grad():
+        for w, w0 in zip(W, W0):
+            w.copy_(w0[rows])
+    return W, opt
+
+
 def engine_epoch(cfg, W0, data, batched, compile=False):
     """One epoch of lib's engine: all seeds as one model, or one model (K=1) at a time;
     compile=True: the training step through torch.compile (compiled once, before timing)."""
     groups = [list(range(W0[0].shape[0]))] if batched else [[k] for k in range(W0[0].shape[0])]
     losses = []
     for g in groups:
-        W, opt = make_model(WIDTHS, [0] * len(g), cfg["OPTIMIZER"], cfg["LR"])
-        with torch.no_grad():
-            for w, w0 in zip(W, W0):
-                w.copy_(w0[g])
-        losses += train_epoch(W, opt, data.x_train, data.y_train, ACT, cfg["BATCH_SIZE"],
-                              compile=compile).tolist()
+        W, opt = copy_model(cfg, W0, g)
+        losses += train_epoch(W, opt, data.x_train, data.y_train, ACT, cfg["BATCH_SIZE"], compile=compile).tolist()
     return losses
 
 
 def teleport_moment(cfg, W0, data):
-    """The protocol's teleport moment: 8 teleports on batches of 200, 10 steps, all seeds."""
-    W, opt = make_model(WIDTHS, [0] * W0[0].shape[0], cfg["OPTIMIZER"], cfg["LR"])
-    with torch.no_grad():
-        for w, w0 in zip(W, W0):
-            w.copy_(w0)
-    hook = TeleportHook(W, opt, data, ACT, [0], 8, 200, torch.Generator().manual_seed(0),
-                        objective=make_objective("grad_norm", ACT), action=GLAction(46), steps=10, lr=5e-2,
-                        stop_above=100.0)
+    """The protocol's teleport moment: 8 teleports on batches of 200, 10 steps, all seeds, the
+    optimizer state reset after each (teleport_optimization.py's teleport arm)."""
+    W, opt = copy_model(cfg, W0, list(range(W0[0].shape[0])))
+    tele = dict(objective=make_objective("grad_norm", ACT), action=GLAction(46), steps=10, lr=5e-2, stop_above=100.0)
+    arm = Arm("teleport", "teleport", "reset", teleport=tele)
+    hook = ArmHook(W, opt, data, ACT, [arm], Moments((0,), 8, 200, 0))
     for i in range(8):
         hook(0, i)
 
 
 def main(cfg):
+    check_choice("dataset", cfg["DATASET"], ("MNIST", "FashionMNIST"))
     check_positive("lr", cfg["LR"])
     check_positive("repeats", cfg["REPEATS"], allow_zero=False)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
+    ds = textbook_dataset(cfg)
     data = load(cfg["DATASET"], cfg["DATA_DIR"], "cpu", cfg["TRAIN_SIZE"], 0)
-    n_all = len(__import__("torchvision").datasets.MNIST(cfg["DATA_DIR"], train=True, download=False))
-    idx = torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:cfg["TRAIN_SIZE"]]
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:cfg["TRAIN_SIZE"]]  # lib.data's subset
     W0 = init_mlp(WIDTHS, [(r + 1) * 54321 for r in range(cfg["N_RUNS"])])
-    ways = {"textbook": lambda: textbook_epoch(cfg, W0, idx),
+    ways = {"textbook": lambda: textbook_epoch(cfg, ds, W0, idx),
             "per-seed": lambda: engine_epoch(cfg, W0, data, batched=False),
             "batched": lambda: engine_epoch(cfg, W0, data, batched=True),
             "compiled": lambda: engine_epoch(cfg, W0, data, batched=True, compile=True),
             "teleport": lambda: teleport_moment(cfg, W0, data)}
-    engine_epoch(cfg, W0, data, batched=True, compile=True)  # compile outside the timing
+    if cfg["COMPILE"]:
+        engine_epoch(cfg, W0, data, batched=True, compile=True)  # compile outside the timing
+    else:
+        del ways["compiled"]
     times, losses = {k: [] for k in ways}, {}
     for _ in range(cfg["REPEATS"]):
         for name, f in ways.items():  # interleaved
@@ -133,17 +156,26 @@ def main(cfg):
     K, n = cfg["N_RUNS"], len(data.y_train)
     print(f"{n} training images, {K} seeds, {cfg['OPTIMIZER']}, batch {cfg['BATCH_SIZE']}, "
           f"threads {torch.get_num_threads()}, median of {cfg['REPEATS']} interleaved repeats")
-    for name in ("textbook", "per-seed", "batched", "compiled"):
+    engines = [w for w in ("textbook", "per-seed", "batched", "compiled") if w in ways]
+    for name in engines:
         print(f"{name:>9}: {med[name]:8.3f} s per epoch of {K} seeds, {med[name] / K:7.4f} s per seed-epoch, "
               f"speed-up vs textbook {med['textbook'] / med[name]:6.1f}x")
+    if "compiled" in med:
+        print(f"torch.compile: {med['batched'] / med['compiled']:.1f}x faster per seed-epoch than the batched "
+              f"eager engine")
     print(f" teleport: {med['teleport']:8.3f} s per teleport moment (8 x 200 images, 10 steps, {K} seeds) = "
           f"{med['teleport'] / med['batched']:.2f} of one batched epoch on {n} images "
           f"({med['teleport'] / med['batched'] * n / 50000:.3f} of a 50,000-image epoch)")
-    gap = max(abs(a - b) for name in ("per-seed", "batched", "compiled") for a, b in zip(losses[name], losses["textbook"]))
+    gap = max(abs(a - b) for name in engines[1:] for a, b in zip(losses[name], losses["textbook"]))
     print(f"per-seed epoch losses: textbook {np.round(losses['textbook'], 5).tolist()}; "
-          f"max |difference| of the other three: {gap:.2e}")
+          f"max |difference| of the others: {gap:.2e}")
+    path = save_json(os.path.join(cfg["OUT_DIR"], "bench_training.json"),
+                     {"config": {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])},
+                      "environment": environment(), "seconds_per_epoch_median": med,
+                      "epoch_losses": {k: v for k, v in losses.items() if k != "teleport"}, "max_loss_gap": gap})
+    print(f"wrote {path}")
     return med, losses
 
 
 if __name__ == "__main__":
-    run(main, globals(), _QUICK)
+    run(main, globals())
