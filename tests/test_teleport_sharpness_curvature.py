@@ -1,4 +1,6 @@
-"""teleport_sharpness_curvature.py: Figures 4 and 11 with the controls of issue 7."""
+"""teleport_sharpness_curvature.py: Figures 4 and 11 with control arms (perturb-only, reset-only).
+lib.arms' own tests cover the hook, the matched perturbation and the per-model resets; these
+check the script: its arms, its config and its outputs."""
 import json
 import os
 import statistics
@@ -9,14 +11,15 @@ import pytest
 import torch
 
 import teleport_sharpness_curvature as tsc
-from lib.config import configure, run
+from lib.arms import ArmHook, Moments, branch
+from lib.config import resolve, run
 from lib.data import synthetic, write_fake
 from lib.models import Activation
-from lib.optim import make_optimizer
+from lib.train import fit, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACT = Activation(0.1)
-# small enough for 2 busy cores: tiny widths and teleport batches, one run per arm
+# small enough for 2 busy cores: tiny widths and teleport batches
 TINY = ["--dataset=MNIST", "--hidden=[8, 6]", "--train-size=120", "--tele-batch-size=30", "--eval-batch-size=30",
         "--eval-curves=1", "--batch-size=20", "--progress=False"]
 
@@ -36,7 +39,7 @@ def one_thread():
 
 
 def _cfg(data_dir, out, *args):
-    return configure(vars(tsc), ["--quick", f"--data-dir={data_dir}", f"--out-dir={out}", *TINY, *args], tsc._QUICK)
+    return resolve(tsc, ["--quick", f"--data-dir={data_dir}", f"--out-dir={out}", *TINY, *args])
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +55,15 @@ def quick_run(data_dir, tmp_path_factory):
         return out, json.load(fh), proc.stdout
 
 
-def test_quick_run_writes_figures_json_and_every_control_arm(quick_run):
+def test_quick_run_writes_figures_json_and_every_control_arm(quick_run, data_dir):
     out, res, stdout = quick_run
     for kind in ("sharpness", "curvature"):
         assert os.path.getsize(os.path.join(out, "figures", "generalization", f"MNIST_adagrad_{kind}.png")) > 10000
     assert os.path.exists(os.path.join(out, "results", "generalization", "MNIST_adagrad_table.md"))
     cfg = res["config"]
+    assert cfg["LR"] == 0.01 and cfg["SHARP_LR"] == tsc.PRESETS["DATASET"]["MNIST"]["SHARP_LR"]  # the presets
+    assert res["data"] == {"name": "MNIST", "source": "data_dir", "n_train": 120, "n_test": 40}
+    assert res["label"] == "MNIST (120 train)" and set(res["environment"]) >= {"git_commit", "torch"}
     assert res["arms"] == ["baseline", *tsc.TELEPORT_ARMS, *[f"perturb-only ({a})" for a in tsc.TELEPORT_ARMS],
                            "reset-only"]
     for arm in res["arms"]:
@@ -68,8 +74,8 @@ def test_quick_run_writes_figures_json_and_every_control_arm(quick_run):
         assert res["curves"][arm]["train_loss"][0][:b] == res["curves"]["baseline"]["train_loss"][0][:b]
         if arm != "baseline":
             assert res["curves"][arm]["train_loss"][0][b:] != res["curves"]["baseline"]["train_loss"][0][b:]
-            assert len(res["records"][arm]) == cfg["TELE_BATCHES"]
-    assert "environment" in res and len(res["summary"]) == len(res["arms"]) and "| reset-only |" in stdout
+            assert [r["batch"] for r in res["records"][arm]] == list(range(cfg["TELE_BATCHES"]))
+    assert len(res["summary"]) == len(res["arms"]) and "| reset-only |" in stdout
 
 
 def test_perturb_only_matches_the_median_drift_of_its_teleport_arm(quick_run):
@@ -81,6 +87,28 @@ def test_perturb_only_matches_the_median_drift_of_its_teleport_arm(quick_run):
             assert pert["drift"] == pytest.approx([abs(pert["matched_median_drift"])] * len(drifts), rel=1e-3, abs=1e-6)
 
 
+def test_plot_only_redraws_from_the_saved_json_and_leaves_it_alone(quick_run, tmp_path):
+    out, res, _ = quick_run
+    paths = [os.path.join(out, "results", "generalization", f"MNIST_adagrad{s}") for s in (".json", "_table.md")]
+    before = [open(p).read() for p in paths]
+    figure = os.path.join(out, "figures", "generalization", "MNIST_adagrad_sharpness.png")
+    os.remove(figure)
+    tsc.main(resolve(tsc, [f"--out-dir={out}", "--optimizer=adagrad", "--dataset=MNIST", "--plot-only"]))
+    assert os.path.getsize(figure) > 10000 and [open(p).read() for p in paths] == before
+
+
+def test_lr_reaches_the_run(data_dir, tmp_path):
+    """--lr is what the training uses and records; without it the optimizer's preset."""
+    args = ["--arms=[]", "--n-runs=1", "--epochs=2", "--branch-epoch=1", "--optimizer=adagrad"]
+    preset = tsc.main(_cfg(data_dir, tmp_path / "a", *args))
+    given = tsc.main(_cfg(data_dir, tmp_path / "b", *args, "--lr=0.05"))
+    saved = json.load(open(tmp_path / "b" / "results" / "generalization" / "MNIST_adagrad.json"))["config"]
+    assert preset["config"]["LR"] == 0.01 and saved["LR"] == 0.05
+    assert saved["OUT_DIR"] == str(tmp_path / "b") and saved["DATA_DIR"] == data_dir  # outside the repo: as given
+    for k in ("train_loss", "test_loss"):
+        assert preset["curves"]["baseline"][k][0][0] != given["curves"]["baseline"][k][0][0]
+
+
 def test_reset_only_without_reset_moments_is_bitwise_the_baseline(data_dir, tmp_path):
     cfg = _cfg(data_dir, tmp_path, "--optimizer=adagrad", "--controls", "--tele-batches=0",
                "--arms=['curvature-increase']")
@@ -88,7 +116,7 @@ def test_reset_only_without_reset_moments_is_bitwise_the_baseline(data_dir, tmp_
     assert res["curves"]["reset-only"] == res["curves"]["baseline"]
 
 
-def test_batched_branch_equals_a_separately_run_arm(data_dir, tmp_path):
+def test_an_arm_does_not_depend_on_which_other_arms_run(data_dir, tmp_path):
     both = tsc.main(_cfg(data_dir, tmp_path / "a", "--optimizer=adagrad", "--n-runs=1",
                          "--arms=['sharpness-decrease', 'curvature-increase']"))
     alone = tsc.main(_cfg(data_dir, tmp_path / "b", "--optimizer=adagrad", "--n-runs=1",
@@ -101,13 +129,11 @@ def test_batched_branch_equals_a_separately_run_arm(data_dir, tmp_path):
 
 
 def _teleport_once(arm, steps):
-    """Teleport a briefly trained 784-16-10-10 model with the script's settings for `arm` and
-    measure phi and psi on a fixed batch with fixed directions and curves before and after."""
+    """Teleport a briefly trained 784-16-10-10 model with the script's arms (baseline and `arm`)
+    and measure phi and psi on a fixed batch with fixed directions and curves before and after."""
     from lib.metrics import random_directions, random_lie_elements
-    from lib.train import fit, make_model
-    cfg = tsc.resolve(configure(vars(tsc), ["--dataset=MNIST", f"--arms=['{arm}']", "--n-runs=2",
-                                            "--tele-batch-size=120", f"--sharp-steps={steps}",
-                                            f"--curv-steps={steps}", "--sharp-stop-above=100.0"]))
+    cfg = resolve(tsc, ["--dataset=MNIST", f"--arms=['{arm}']", "--n-runs=2", "--tele-batch-size=120",
+                        f"--sharp-steps={steps}", f"--curv-steps={steps}", "--sharp-stop-above=100.0"])
     data = synthetic("MNIST", 120, 40, seed=1)
     W, opt = make_model([784, 16, 10, 10], [1, 2], "sgd", 0.02)
     fit(W, opt, data, ACT, 2, 20, progress=False)
@@ -115,9 +141,10 @@ def _teleport_once(arm, steps):
     X, Y = data.x_train, data.y_train
     ts = tsc.displacements(cfg)
     dirs, curves = random_directions(W, len(ts), "sphere", g), [random_lie_elements(W, g) for _ in range(8)]
-    arms = ["baseline", arm]
-    W2, opt2 = tsc.branch(W, opt, 2, "sgd", 0.02)
-    hook = tsc.BranchHook(W2, opt2, data, ACT, cfg, arms, lambda Wm: None)
+    arms = tsc.make_arms(cfg, ACT)
+    assert [a.name for a in arms] == ["baseline", arm]
+    W2, opt2 = branch(W, opt, 2, "sgd", 0.02)
+    hook = ArmHook(W2, opt2, data, ACT, arms, Moments((0,), 1, 120, 0))
     before = tsc.landscape(W2, X, Y, ACT, ts, dirs, curves)
     hook(0, 0)
     after = tsc.landscape(W2, X, Y, ACT, ts, dirs, curves)
@@ -126,7 +153,7 @@ def _teleport_once(arm, steps):
 
 def test_sharpness_decrease_lowers_phi():
     before, after = _teleport_once("sharpness-decrease", 10)
-    assert after["phi"][:2] == before["phi"][:2]  # the baseline slice is untouched
+    assert after["phi"][:2] == before["phi"][:2]  # the baseline's models are untouched
     assert all(a < b for a, b in zip(after["phi"][2:], before["phi"][2:]))
 
 
@@ -135,47 +162,17 @@ def test_curvature_increase_raises_psi():
     assert all(a > b for a, b in zip(after["psi"][2:], before["psi"][2:]))
 
 
-def test_reset_slices_equals_a_fresh_adagrad():
-    torch.manual_seed(0)
-    W0 = [torch.randn(2, 4, 3), torch.randn(2, 2, 4)]
-    X, Y = torch.randn(8, 3), torch.randint(2, (8,))
-    from lib.models import loss_fn
-
-    def steps(W, opt, n):
-        for _ in range(n):
-            opt.zero_grad()
-            loss_fn(W, X, Y, ACT).sum().backward()
-            opt.step()
-
-    W = [w.clone().requires_grad_() for w in W0]
-    opt = make_optimizer("adagrad", W, 0.1)
-    steps(W, opt, 3)
-    tsc.reset_slices(opt, W, slice(0, 1))
-    mid = [w.detach()[:1].clone().requires_grad_() for w in W]
-    steps(W, opt, 3)
-    fresh = make_optimizer("adagrad", mid, 0.1)
-    steps(mid, fresh, 3)
-    assert all(torch.allclose(a[:1], b, atol=1e-6) for a, b in zip(W, mid))
-
-
-def test_matched_perturbation_hits_the_target_drift():
-    torch.manual_seed(0)
-    W = [torch.randn(3, 8, 784) * 0.05, torch.randn(3, 10, 8) * 0.3]
-    data = synthetic("MNIST", 50, 10)
-    target = [0.01, 0.1, 0.03]
-    new, rec = tsc.matched_perturbation(W, data.x_train, data.y_train, ACT, target, torch.Generator().manual_seed(0))
-    assert rec["drift"] == pytest.approx(target, abs=1e-5)
-    moved = sum((a - b).pow(2).flatten(1).sum(1) for a, b in zip(new, W)).sqrt()
-    assert moved.tolist() == pytest.approx(rec["norm"], rel=1e-4) and min(rec["norm"]) > 0
-
-
 @pytest.mark.parametrize("arg,message", [("--dataset=SVHN", "unknown dataset 'SVHN'"),
                                          ("--optimizer=adam", "unknown optimizer 'adam'"),
                                          ("--lr=-0.1", "learning rate must be >= 0"),
-                                         ("--arms=['sharpness-up']", "unknown arm 'sharpness-up'")])
+                                         ("--arms=['sharpness-up']", "unknown arm 'sharpness-up'"),
+                                         ("--sharp-lr={'up': 0.1}", "--sharp-lr must be a dict with keys"),
+                                         ("--branch-epoch=40", "branch_epoch must be in [0, epochs)"),
+                                         ("--plot-only", "--plot-only: no saved results at")])
 def test_bad_input_is_one_line_error(arg, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        run(tsc.main, vars(tsc), tsc._QUICK, [arg, f"--out-dir={tmp_path}"])
+        run(tsc.main, vars(tsc), [arg, f"--out-dir={tmp_path}"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not os.listdir(tmp_path)  # nothing written
