@@ -109,11 +109,11 @@ def configure(defaults, argv=None, quick=None, presets=None):
     cfg.setdefault("QUICK", False)
     overrides = {}
     for arg in sys.argv[1:] if argv is None else argv:
-        flag, _, text = arg.partition("=")
+        flag, given, text = arg.partition("=")
         name = flag.lstrip("-").replace("-", "_").upper()
         if not arg.startswith("--") or name not in cfg:
             raise _unknown(arg, cfg)
-        overrides[name] = _parse(name.lower(), text, cfg[name]) if text else True
+        overrides[name] = _parse(name.lower(), text, cfg[name]) if given else True  # --flag: True
     if overrides.get("QUICK"):
         cfg.update(quick or {})
         if "OUT_DIR" in cfg:

@@ -14,6 +14,7 @@ def test_configure_overrides_and_quick():
     assert "lower" not in cfg
     assert configure(DEFAULTS, ["--seeds=[3]", "--epochs=5"])["SEEDS"] == [3]
     assert configure({"ARMS": ["a"]}, ["--arms=b,c-d"])["ARMS"] == ["b", "c-d"]
+    assert configure({"TAG": "x"}, ["--tag="])["TAG"] == ""
 
 
 @pytest.mark.parametrize("argv,match", [(["--lrate=1"], "unknown setting '--lrate=1'; did you mean --lr"),
