@@ -18,19 +18,24 @@ gamma_1(t) = (t, k1 t^2), curvature kappa = 2 k1 at w0; gamma_2 = circle of radi
 by the real roots of the cubic d/dt |gamma_1(t) - p|^2 = 0. The integral is the midpoint rule on
 N_ANGLES uniform angles (checked against scipy.integrate.quad in the tests).
 
+A run takes seconds, so nothing is saved to resume from: its outputs replace the previous ones
+as a set when it completes, an interrupted run (Ctrl-C) leaves them as they were. Saved results
+made with other settings are replaced only with --replace (or written elsewhere with --out-dir).
+
 Outputs: figures/curvature/displacement_vs_curvature.png (panels b and c) and
 results/curvature/displacement.json (config, environment, the (1/r) E dist grids of both panels and
 the closed-form checks), under OUT_DIR.
 """
 import math
+import os
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lib.config import check_positive, run  # noqa: E402
-from lib.io import environment, experiment_dirs, relative, save_json  # noqa: E402
+from lib.config import UsageError, check_positive, run  # noqa: E402
+from lib.io import check_replace, environment, experiment_dirs, relative, save_json, staged  # noqa: E402
 from lib.plots import save_figure  # noqa: E402
 
 # ---- config -------------------------------------------------------------------------------
@@ -42,6 +47,7 @@ N_KAPPA = 101                                  # curvature values per panel (uni
 FIG_DPI = 200                                  # PNG resolution
 N_ANGLES = 4000                                # midpoint-rule nodes on the circle of shifts (rel. err ~1e-8)
 OUT_DIR = "."                                  # root for figures/curvature/ and results/curvature/
+REPLACE = False                                # True: replace saved results made with other settings
 # --------------------------------------------------------------------------------------------
 
 QUICK_SETTINGS = {"N_KAPPA": 21, "N_ANGLES": 1000, "FIG_DPI": 60}
@@ -95,12 +101,8 @@ def sweep(curve, rs, kappa_max, n_kappa, n_angles):
     return kappas, np.array([[expected_distance(curve, k, r, n_angles) / r for k in kappas] for r in rs])
 
 
-def main(cfg):
-    for key in ("PARABOLA_KAPPA_MAX", "CIRCLE_KAPPA_MAX", "N_KAPPA", "N_ANGLES", "FIG_DPI"):
-        check_positive(key, cfg[key], allow_zero=False)
-    for r in [*cfg["PARABOLA_RS"], *cfg["CIRCLE_RS"]]:
-        check_positive("r", r, allow_zero=False)
-    fig_dir, res_dir = experiment_dirs("curvature", cfg["OUT_DIR"])
+def experiment(cfg):
+    """Both panels' sweeps and the closed-form checks of eq. (66), printed as they come."""
     panels = {}
     for curve, rs, kmax in [("parabola", cfg["PARABOLA_RS"], cfg["PARABOLA_KAPPA_MAX"]),
                             ("circle", cfg["CIRCLE_RS"], cfg["CIRCLE_KAPPA_MAX"])]:
@@ -116,8 +118,11 @@ def main(cfg):
               "circle_kappa_r_1_numeric": expected_distance("circle", 1.0, 1.0, cfg["N_ANGLES"])}
     print(f"eq. (66): kappa = 0 gives 2/pi = {2 / math.pi:.6f}, max error {checks['kappa0_max_abs_err']:.1e}; "
           f"circle at kappa r = 1: {checks['circle_kappa_r_1_numeric']:.6f} (closed form {checks['circle_kappa_r_1_closed_form']:.6f})")
-    saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"])}
-    save_json(f"{res_dir}/displacement.json", {"config": saved, "environment": environment(), "checks": checks, **panels})
+    return panels, checks
+
+
+def plot(panels, path, dpi):
+    """Figure 7 (b) and (c): (1/r) E dist against the curvature, one line per shift radius r."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (curve, cmap, xlabel) in zip(axes, [("parabola", "Blues", r"$\kappa = 2k_1$"),
                                                 ("circle", "Oranges", r"$\kappa = 1/k_2$")]):
@@ -125,13 +130,32 @@ def main(cfg):
         colors = plt.get_cmap(cmap)(np.linspace(0.35, 0.95, len(p["r"])))
         for r, row, col in zip(p["r"], p["ratio"], colors):
             ax.plot(p["kappa"], row, color=col, lw=2, label=f"r={r:g}")
-        ax.axhline(2 / math.pi, color="0.5", ls=":", lw=1, label=r"$2/\pi$ (eq. 66)")
+        ax.axhline(2 / math.pi, color="0.3", ls=":", lw=1.2, zorder=3, label=r"$2/\pi$ (eq. 66)")  # above the curves
         ax.set(xlabel=xlabel, ylabel=r"$\frac{1}{r}\,\mathbb{E}_{S_r}\,\mathrm{dist}(w, \gamma)$",
                title=(r"(b) $\gamma_1(t) = (t, k_1 t^2)$" if curve == "parabola" else r"(c) circle of radius $k_2$"))
         ax.legend(fontsize=8)
-    save_figure(fig, f"{fig_dir}/displacement_vs_curvature.png", cfg["FIG_DPI"])
+    save_figure(fig, path, dpi)
+
+
+def main(cfg):
+    for key in ("PARABOLA_KAPPA_MAX", "CIRCLE_KAPPA_MAX", "N_KAPPA", "N_ANGLES", "FIG_DPI"):
+        check_positive(key, cfg[key], allow_zero=False)
+    for key in ("PARABOLA_RS", "CIRCLE_RS"):
+        rs = cfg[key]
+        if not (rs and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rs)):
+            raise UsageError(f"{key} must be a non-empty list of radii, got {rs!r}")
+        for r in rs:
+            check_positive("r", r, allow_zero=False)
+    saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"])}
+    if not cfg["REPLACE"]:  # results of other settings are replaced only when asked
+        check_replace(os.path.join(cfg["OUT_DIR"], "results", "curvature", "displacement.json"), saved)
+    panels, checks = experiment(cfg)
+    with staged(cfg["OUT_DIR"]) as stage:  # the outputs replace the previous ones only when all are written
+        fig_dir, res_dir = experiment_dirs("curvature", stage)
+        save_json(f"{res_dir}/displacement.json", {"config": saved, "environment": environment(), "checks": checks, **panels})
+        plot(panels, f"{fig_dir}/displacement_vs_curvature.png", cfg["FIG_DPI"])
     return panels, checks
 
 
 if __name__ == "__main__":
-    run(main, globals())
+    run(main, globals(), on_interrupt=lambda cfg: "a run takes seconds and saves nothing to resume; run it again")

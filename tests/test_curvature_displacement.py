@@ -1,5 +1,9 @@
-"""Figure 7 (App. E.2): exact distances to the curves of minima and the expected displacement (eq. 65)."""
+"""Figure 7 (App. E.2): exact distances to the curves of minima and the expected displacement (eq. 65);
+outputs replaced only as a complete set of the same protocol."""
+import json
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -7,8 +11,12 @@ from scipy.integrate import quad
 from scipy.optimize import minimize_scalar
 
 import curvature_displacement as cd
-from lib.config import UsageError, resolve
-from lib.io import load_json
+from lib.config import UsageError, resolve, run
+from lib.io import check_replace, load_json, relative
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED = os.path.join(ROOT, "results", "curvature", "displacement.json")
+SMALL = ["--n-angles=8", "--n-kappa=3", "--parabola-rs=[1.0]", "--circle-rs=[0.1]", "--fig-dpi=20"]
 
 
 def _numeric_min(curve_point, p, lo, hi, n=20001):
@@ -83,8 +91,7 @@ def test_quick_run_writes_figure_and_json(tmp_path):
 def test_overrides_reach_the_run(tmp_path):
     # a coarse quadrature (8 angles) on a 3-point kappa grid and one radius per panel: the saved
     # numbers are those of that quadrature, not of the default 4,000 nodes, and the grid follows N_KAPPA
-    argv = ["--n-angles=8", "--n-kappa=3", "--parabola-rs=[1.0]", "--circle-rs=[0.1]", "--fig-dpi=20",
-            f"--out-dir={tmp_path}"]
+    argv = SMALL + [f"--out-dir={tmp_path}"]
     cd.main(resolve(cd, argv))
     saved = load_json(tmp_path / "results/curvature/displacement.json")
     assert saved["config"]["N_ANGLES"] == 8 and saved["parabola"]["kappa"] == [0.0, 40.0, 80.0]
@@ -100,3 +107,43 @@ def test_bad_input_is_a_usage_error(tmp_path):
         cd.main(resolve(cd, ["--n-angles=0", f"--out-dir={tmp_path}"]))
     with pytest.raises(UsageError, match="r must be > 0"):
         cd.main(resolve(cd, ["--circle-rs=[-0.1]", f"--out-dir={tmp_path}"]))
+    with pytest.raises(UsageError, match="PARABOLA_RS must be a non-empty list of radii"):
+        cd.main(resolve(cd, ["--parabola-rs=[]", f"--out-dir={tmp_path}"]))
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_committed_results_are_strict_json_and_only_their_protocol_replaces_them(tmp_path):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    with open(COMMITTED) as fh:
+        saved = json.load(fh, parse_constant=refuse)
+    assert saved["environment"].get("git_commit") and saved["config"]["N_ANGLES"] == 4000
+    cfg = resolve(cd, [])  # the plain command's settings are the committed protocol: it may replace them
+    check_replace(COMMITTED, {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"])})
+    (tmp_path / "results" / "curvature").mkdir(parents=True)
+    shutil.copy(COMMITTED, tmp_path / "results" / "curvature")
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError, match="other settings: N_ANGLES=8 .saved: 4000.*--replace"):
+        cd.main(resolve(cd, ["--n-angles=8", f"--out-dir={tmp_path}"]))
+    assert snapshot(tmp_path) == before
+    check_replace(tmp_path / "results/curvature/displacement.json", resolve(cd, ["--n-angles=8", "--replace"]))
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_previous_set(tmp_path, monkeypatch, capsys):
+    cd.main(resolve(cd, SMALL + [f"--out-dir={tmp_path}"]))
+    before = snapshot(tmp_path)
+    assert len(before) == 2
+
+    def interrupt(*args):  # the JSON is written (to the stage) by then
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cd, "plot", interrupt)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(cd.main, vars(cd), SMALL + [f"--out-dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err and err.startswith("interrupted:") and "unchanged" in err
+    assert snapshot(tmp_path) == before and not list(tmp_path.glob(".staging-*"))

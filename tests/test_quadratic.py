@@ -1,20 +1,37 @@
 """Section 3 on convex quadratics: the SO(2) actions of x^2 + 9y^2 and Booth, the teleport by gradient
 ascent on the angle, Proposition 3.2 (eigenvector / damped Newton), Propositions 3.5 and C.3 (one
-teleport suffices) and Theorem 3.1 (faster convergence), through teleport_quadratic.py --quick."""
+teleport suffices) and Theorem 3.1 (faster convergence), through teleport_quadratic.py --quick;
+divergence beyond 2/lambda_max as a result; outputs replaced only as a complete set of the same protocol."""
+import json
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import teleport_quadratic as tq
-from lib.config import UsageError, resolve
+from lib.config import UsageError, resolve, run, with_preset
 from lib.quadratic import (FUNCTIONS, grad, hessian, loss, max_grad_norm_sq, optimal_angle, so2_action,
                            teleport_angle, wrap_half_turn)
-from lib.io import load_json
+from lib.io import check_replace, load_json
 
 T = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
 NAMES = list(FUNCTIONS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def strict_json(path):
+    """Load a JSON file refusing the non-standard NaN / Infinity tokens."""
+    def refuse(token):
+        raise ValueError(f"{path}: non-standard JSON token {token}")
+    with open(path) as fh:
+        return json.load(fh, parse_constant=refuse)
+
+
+def snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -119,14 +136,84 @@ def test_overrides_reach_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("argv,match", [(["--functions=['rosenbrock']"], "unknown function 'rosenbrock'"),
-                                        (["--lr=-0.1"], "LR must be > 0"),
-                                        (["--lr=0.2"], "LR must be < 2/lambda_max"),
+                                        (["--functions=[]"], "FUNCTIONS is empty"),
+                                        (["--lr=-0.1"], "LR must be a finite number > 0, got -0.1"),
+                                        (["--lr=abc"], "LR must be a finite number > 0, got 'abc'"),
                                         (["--start=(1.0,)"], "START must be a pair"),
+                                        (["--start=('a', 1.0)"], "START must be a pair of numbers"),
+                                        (["--contour-grid=1"], "CONTOUR_GRID must be >= 2"),
                                         (["--functions=['booth']", "--start=(1.0, 3.0)"], "is the minimiser of booth"),
-                                        (["--teleport-step=500"], "TELEPORT_STEP must be <= STEPS")])
+                                        (["--teleport-step=500"], r"TELEPORT_STEP must be a whole number of steps in \[0, STEPS = 120\]")])
 def test_bad_input_is_a_usage_error(tmp_path, argv, match):
     with pytest.raises(UsageError, match=match):
         tq.main(resolve(tq, argv + [f"--out-dir={tmp_path}"]))
+
+
+def test_divergence_is_a_result(tmp_path, capsys):
+    # lr 1 > 2/18: x^2 + 9y^2 from (10, 0.1) gives x = 10 (-1)^t, y = 0.1 (-17)^t, f = 100 + 0.09 * 289^t,
+    # which passes 1e6 f(start) at step 4 (before the teleport at step 5, which happens all the same)
+    tq.main(resolve(tq, ["--functions=x2_9y2", "--lr=1.0", "--quick", "--fig-dpi=20", "--contour-grid=20", f"--out-dir={tmp_path}"]))
+    printed = capsys.readouterr().out
+    r = strict_json(tmp_path / "results/quadratic/x2_9y2.json")
+    at = next(t for t in range(100) if 100 + 0.09 * 289 ** t > 1e6 * 100.09)
+    assert at == 4 and r["divergence"]["diverged_at_step_no_teleport"] == r["divergence"]["diverged_at_step_teleport"] == 4
+    assert r["divergence"]["lr_times_lambda_max"] == pytest.approx(18.0)
+    assert r["theorem_3_1"] == {"steps_to_target_no_teleport": None, "steps_to_target_teleport": None}
+    assert r["prop_3_2"] is None and r["prop_3_5"]["max_abs_ratio_minus_1_after_teleport_until_target"] is None
+    for fig in ("trajectories", "loss", "optimality"):
+        assert (tmp_path / f"figures/quadratic/x2_9y2_{fig}.png").stat().st_size > 3000
+    thm = next(line for line in printed.splitlines() if line.startswith("Thm 3.1"))
+    assert thm.count("never: diverged at step 4") == 2  # no step count from a diverged run
+    assert "Prop 3.2" not in printed and "GD diverges along the top Hessian eigenvector" in printed
+
+
+def test_absurd_lr_overflows_to_null_and_skips_the_teleport(tmp_path):
+    # lr 1e100: the loss passes 1e6 f(start) at step 1 and overflows at step 3; the teleport before
+    # step 5 meets a non-finite point and is skipped; the JSON stays strict (null) and redraws
+    tq.main(resolve(tq, ["--functions=x2_9y2", "--lr=1e100", "--quick", "--fig-dpi=20", "--contour-grid=20", f"--out-dir={tmp_path}"]))
+    r = strict_json(tmp_path / "results/quadratic/x2_9y2.json")
+    assert "skipped" in r["teleport"] and r["theta_error_rad"] is None
+    assert r["divergence"]["diverged_at_step_no_teleport"] == 1
+    loss = r["curves"]["baseline"]["loss"]
+    assert loss[0] == pytest.approx(100.09) and None in loss and len(loss) == 121
+    (c, at), = [tq.shown(r)["baseline"]]           # the reading side: null -> nan, cut at the divergence
+    assert at == 1 and len(c["loss"]) == 1 and np.isnan(np.asarray(loss, dtype=float)).any()
+    tq.plot_curves(FUNCTIONS["x2_9y2"], r, str(tmp_path), 20, 1e-6, 120)
+
+
+def test_committed_results_are_strict_json_and_only_their_protocol_replaces_them(tmp_path):
+    (tmp_path / "results" / "quadratic").mkdir(parents=True)
+    for name in NAMES:
+        path = os.path.join(ROOT, "results", "quadratic", f"{name}.json")
+        saved = strict_json(path)
+        assert saved["environment"].get("git_commit") and saved["config"]["FUNCTION"] == name
+        # the plain command's settings are the committed protocol: it may replace them
+        check_replace(path, tq.saved_config(with_preset(resolve(tq, []), tq.PRESETS, "FUNCTION", name), name))
+        shutil.copy(path, tmp_path / "results" / "quadratic")
+    before = snapshot(tmp_path)
+    for argv, diff in [(["--lr=0.02"], "LR=0.02 .saved: 0.05."), (["--functions=booth", "--steps=60"], "STEPS=60")]:
+        with pytest.raises(UsageError, match=f"other settings: {diff}.*--replace"):
+            tq.main(resolve(tq, argv + [f"--out-dir={tmp_path}"]))
+    assert snapshot(tmp_path) == before
+    fcfg = with_preset(resolve(tq, ["--lr=0.02", "--replace"]), tq.PRESETS, "FUNCTION", "booth")
+    check_replace(tmp_path / "results/quadratic/booth.json", tq.saved_config(fcfg, "booth"))  # --replace: allowed
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_previous_set(quick, tmp_path, monkeypatch, capsys):
+    shutil.copytree(quick[0], tmp_path, dirs_exist_ok=True)
+    before = snapshot(tmp_path)
+    plot_curves = tq.plot_curves
+
+    def interrupt_at_booth(q, *args):  # x2_9y2's outputs are written (to the stage) by then
+        if q.name == "booth":
+            raise KeyboardInterrupt
+        plot_curves(q, *args)
+    monkeypatch.setattr(tq, "plot_curves", interrupt_at_booth)
+    with pytest.raises(SystemExit) as e:
+        run(tq.main, vars(tq), ["--quick", f"--out-dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err and err.startswith("interrupted:") and "unchanged" in err
+    assert snapshot(tmp_path) == before and not list(tmp_path.glob(".staging-*"))
 
 
 @pytest.mark.slow
