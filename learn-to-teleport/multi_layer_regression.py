@@ -16,12 +16,14 @@ teleports. LSTM(lr,tele) with the authors' hard clamp collapses to the 1e-7 step
 --eta-param=sigmoid keeps it alive (then it is GD-like). The choices (full-vector LSTMs, gradients
 as constants, the loss's factor 0.5, Adam lrs, exact g^-1) are stated where they are made.
 
-Outputs: OUT_DIR/figures/multi_layer_loss.png, multi_layer_loss_vs_time.png,
-multi_layer_meta_training.png; OUT_DIR/results/multi_layer_regression.json (config, environment,
-test curves, meta-training histories; rewritten after every method) and meta_opt_<method>.pt (the
-trained LSTMs as plain tensors, read by --test-only). OUT_DIR: this script's folder
-(learn-to-teleport/) unless --out-dir is given; runs/quick with --quick.
+Outputs: OUT_DIR/figures/multi_layer_loss.png, multi_layer_loss_vs_time.png (the teleport-off
+control dashed), multi_layer_meta_training.png; OUT_DIR/results/multi_layer_regression.json (config,
+environment, test curves, diverged trajectories, meta-training histories) and meta_opt_<method>.pt
+(the LSTMs as plain tensors, read by --test-only), moved into place together when the run completes;
+progress is saved in OUT_DIR/.progress/ and the same command resumes a stopped run. OUT_DIR: this
+script's folder (learn-to-teleport/) unless --out-dir is given; runs/quick with --quick.
 """
+import json
 import os
 import sys
 import time
@@ -34,10 +36,12 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lib.actions import GLAction  # noqa: E402
 from lib.config import UsageError, check_choice, check_positive, run  # noqa: E402
-from lib.io import environment, load_json, load_results, load_tensors, relative, save_json, save_tensors  # noqa: E402
+from lib.io import (check_replace, environment, load_json, load_results, load_tensors, relative,  # noqa: E402
+                    save_json, save_tensors, staged)
 from lib.models import Activation, loss_and_grads, loss_fn  # noqa: E402
-from lib.plots import BASELINE, TELEPORT, save_figure  # noqa: E402
-from lib.report import markdown_table  # noqa: E402
+from lib.plots import BASELINE, TELEPORT, plot_mean_std, save_figure  # noqa: E402
+from lib.progress import Checkpoint  # noqa: E402
+from lib.report import diverged, finite_stats, markdown_table  # noqa: E402
 
 # ---- config
 WIDTH = 20                   # d: W1, W2, X (d x n), Y all 20 x 20, entries uniform on [0, 1]
@@ -78,6 +82,8 @@ THREADS = 1                  # torch CPU threads (the machine is shared)
 DEVICE = "cpu"               # cpu, cuda, cuda:N or auto
 OUT_DIR = ""                 # figures/ and results/ go here; "": beside this script (learn-to-teleport/)
 PROGRESS = True              # tqdm bars
+CHECKPOINT_S = 30.0          # save progress after at most this many seconds of work (0: every trajectory)
+REPLACE = False              # True: replace saved results made with other settings
 # ----
 PRESETS = {"PAPER_META_LRS": {False: {"M1_LR": 1e-3, "M2_LR": 1e-4}, True: {"M1_LR": 1e-4, "M2_LR": 1e-3}}}
 QUICK_SETTINGS = {"STEPS": 10, "UNROLL": 5, "TEST_STEPS": 30, "HIDDEN": 16, "LR_TELE_HIDDEN": 8,
@@ -88,7 +94,8 @@ METHODS = ("gd", "lr_tele", "update", "update_tele")
 LABELS = {"gd": "GD", "lr_tele": "LSTM(lr,tele)", "update": "LSTM(update)",
           "update_tele": "LSTM(update,tele)", "update_tele_off": "LSTM(update,tele), teleport off"}
 CONTROL = "update_tele_off"  # control: LSTM(update,tele)'s m1 alone, its m2 switched off at test time
-METHOD_COLORS = {"gd": BASELINE, "lr_tele": "#2ca02c", "update": "#ff7f0e", "update_tele": TELEPORT}
+METHOD_COLORS = {"gd": BASELINE, "lr_tele": "#2ca02c", "update": "#ff7f0e", "update_tele": TELEPORT, CONTROL: "k"}
+DIVERGED = 1e3  # a test trajectory diverged at the first step its loss is not finite or above DIVERGED L(w_0)
 N_TRAIN = {"lr_tele": "N_TRAIN_LR_TELE", "update": "N_TRAIN_UPDATE", "update_tele": "N_TRAIN_UPDATE_TELE"}
 JSON_NAME = "multi_layer_regression.json"
 
@@ -145,13 +152,13 @@ def state_path(cfg, method):
     return os.path.join(cfg["OUT_DIR"], "results", f"meta_opt_{method}.pt")
 
 
-def save_nets(path, nets):
-    """All state_dicts of a method's meta-optimizers in one file of plain tensors (no pickle)."""
-    save_tensors(path, {f"{k}.{name}": v for k, net in nets.items() for name, v in net.state_dict().items()})
+def flat_state(nets):
+    """All state_dicts of a method's meta-optimizers as one flat dict of plain tensors, as saved
+    in meta_opt_<method>.pt (lib.io.save_tensors, no pickle) and in the checkpoint."""
+    return {f"{k}.{name}": v.detach().clone() for k, net in nets.items() for name, v in net.state_dict().items()}
 
 
-def load_nets(path, nets):
-    flat = load_tensors(path)
+def load_nets(flat, nets):
     for k, net in nets.items():
         net.load_state_dict({n[len(k) + 1:]: v for n, v in flat.items() if n.startswith(k + ".")})
     return nets
@@ -172,7 +179,8 @@ def learned_teleport(W, T, X, act, cfg):
     """Teleport by the meta-optimizer's output T (K, d*d), not by lib.teleport's gradient ascent:
     eq. (54) with g = I + T, T scaled to Frobenius norm T_NORM (Section 5.2): W2 <- W2 g^-1,
     W1 <- s^-1(g s(W1 X)) X^+ (lib.actions.GLAction(54), exact g^-1). INVERSE='neumann' puts
-    I - T for g^-1 as the authors' code does: the loss then drifts by O(|T|^2)."""
+    I - T for g^-1 as the authors' code does: the loss then drifts by O(|T|^2). No LinAlgError on
+    diverging weights: only g (|T| < 1; NaN in, NaN out) and the data X are inverted."""
     d = cfg["WIDTH"]
     T = T.view(-1, d, d)
     T = T / T.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1) * cfg["T_NORM"]
@@ -204,18 +212,27 @@ def update(method, nets, W, grads, states, X, act, cfg):
     return W, new_states, eta
 
 
-def train(method, nets, cfg, act, seeds):
+def train(method, nets, cfg, act, seeds, ckpt=None):
     """Meta-training (Section 5.2): trajectories of STEPS steps; after every UNROLL steps the
     meta-loss sum_{t in unroll} mean_k L(w_{t+1}) (lib.models.loss_fn) is back-propagated through
     the updates and teleports into the LSTMs, Adam (lr M1_LR for m1, M2_LR for m2) steps, and
     weights and LSTM states are detached. The gradients enter the LSTMs as constants (no second
     derivatives, as in Andrychowicz et al. and the authors' code): lib.models.loss_and_grads makes
-    no graph. A non-finite meta-loss skips the Adam step and ends that batch of trajectories."""
-    opts = [torch.optim.Adam(net.parameters(), lr=cfg["M1_LR"] if k == "m1" else cfg["M2_LR"])
-            for k, net in nets.items()]
-    hist = {"mean_loss": [], "final_loss": [], "nonfinite": 0, "batch": cfg["BATCH"], "seeds": seeds}
-    B, t0 = cfg["BATCH"], time.perf_counter()
-    bar = tqdm(range(0, len(seeds), B), desc=f"train {LABELS[method]}", disable=not cfg["PROGRESS"])
+    no graph. A non-finite meta-loss skips the Adam step and ends that batch (hist["diverged"]:
+    [its first trajectory, the first step with a non-finite loss, or the unroll's last if only the
+    sum overflowed]). With a lib.progress.Checkpoint `ckpt`, LSTMs, Adam states, RNG state and
+    history are saved after a batch (at most every CHECKPOINT_S s) and resumed from."""
+    opt = torch.optim.Adam([{"params": net.parameters(), "lr": cfg["M1_LR"] if k == "m1" else cfg["M2_LR"]}
+                            for k, net in nets.items()])  # Adam acts per parameter: as one Adam per LSTM
+    hist = {"mean_loss": [], "final_loss": [], "diverged": [], "batch": cfg["BATCH"], "seeds": seeds, "time_s": 0.0}
+    B, start, cur = cfg["BATCH"], 0, ckpt and ckpt.current
+    if cur and cur["unit"] == method:  # resume the interrupted training of this method
+        load_nets(cur["nets"], nets)
+        opt.load_state_dict(cur["opt"])
+        torch.set_rng_state(cur["rng"])
+        start, hist = cur["next"], cur["hist"]
+    t0, spent = time.perf_counter(), hist["time_s"]
+    bar = tqdm(range(start, len(seeds), B), desc=f"train {LABELS[method]}", disable=not cfg["PROGRESS"])
     for b in bar:
         W, X, Y = draw_problems(seeds[b:b + B], cfg)
         states, losses = {k: net.zero_state(W[0].shape[0], W[0]) for k, net in nets.items()}, []
@@ -229,18 +246,22 @@ def train(method, nets, cfg, act, seeds):
                 meta = meta + loss.mean()
                 losses.append(loss.detach())
             if not torch.isfinite(meta):
-                hist["nonfinite"] += 1
+                bad = (~torch.isfinite(torch.stack(losses))).any(1).nonzero()
+                hist["diverged"].append([b, int(bad[0]) + 1 if len(bad) else len(losses)])
                 break
-            for opt in opts:
-                opt.zero_grad()
+            opt.zero_grad()
             meta.backward()
-            for opt in opts:
-                opt.step()
+            opt.step()
         L = torch.stack(losses)  # (steps done, K)
         hist["mean_loss"] += L.mean(0).tolist()
         hist["final_loss"] += L[-1].tolist()
+        hist["time_s"] = spent + time.perf_counter() - t0
         bar.set_postfix(final=f"{L[-1].mean().item():.3g}")
-    hist["time_s"] = time.perf_counter() - t0
+        if ckpt:
+            current = {"unit": method, "next": b + B, "nets": flat_state(nets), "hist": hist,
+                       "opt": opt.state_dict(), "rng": torch.get_rng_state()}
+            ckpt.save({"done": ckpt.done, "current": current},
+                      f"{LABELS[method]}, {min(b + B, len(seeds))} of {len(seeds)} trajectories")
     return hist
 
 
@@ -248,59 +269,87 @@ def train(method, nets, cfg, act, seeds):
 def test(method, nets, cfg, act, seeds):
     """Run each unseen trajectory alone (K = 1, so times are per trajectory) for TEST_STEPS
     steps. Returns loss (n_test, TEST_STEPS + 1) with L(w_0) first, the wall time after each
-    step (gradient, LSTMs, update and teleport included) and the step sizes of LSTM(lr,tele)."""
-    out = {"loss": [], "time_s": [], "step_size": []}
+    step (gradient, LSTMs, update and teleport included), the step sizes of LSTM(lr,tele) and
+    the step at which a trajectory diverged (then stopped; later values are NaN), or None."""
+    out, n = {"loss": [], "time_s": [], "step_size": []}, cfg["TEST_STEPS"] + 1
     for s in seeds:
         W, X, Y = draw_problems([s], cfg)
         states = {k: net.zero_state(1, W[0]) for k, net in nets.items()}
         losses, times, etas, t0 = [], [0.0], [], time.perf_counter()
-        for t in range(cfg["TEST_STEPS"] + 1):
+        for t in range(n):
             loss, grads = loss_and_grads(W, X, Y, act, "mse")
             losses.append(loss.item())
-            if t == cfg["TEST_STEPS"]:
+            if t == n - 1 or not losses[-1] <= DIVERGED * losses[0]:
                 break
             W, states, eta = update(method, nets, W, grads, states, X, act, cfg)
             etas += [] if eta is None else [eta.item()]
             times.append(time.perf_counter() - t0)
-        for k, v in zip(out, (losses, times, etas)):
+        nan = [float("nan")] * (n - len(losses))
+        for k, v in zip(out, (losses + nan, times + nan, etas + nan if etas else [])):
             out[k].append(v)
+    out["diverged_at"] = diverged_steps(out["loss"])[0]
     return out
 
 
+def diverged_steps(curves):
+    """Per test trajectory (losses from L(w_0)), the step at which it diverged (loss not finite
+    or above DIVERGED L(w_0)), or None; and the curves as an array, NaN from that step on."""
+    L = np.array(curves, dtype=float)
+    at = [None if d is None else d - 1 for d in diverged(L / L[:, :1], DIVERGED)]
+    for r in [r for r, a in enumerate(at) if a is not None]:
+        L[r, at[r]:] = np.nan
+    return at, L
+
+
+def kept_mean(L):
+    """Mean over the rows of L finite throughout (the trajectories that did not diverge), or NaN."""
+    ok = L[np.isfinite(L).all(1)]
+    return ok.mean(0) if len(ok) else np.full(L.shape[1], np.nan)
+
+
 def table(curves, steps):
-    """Mean test loss after `steps` updates, one row per method."""
+    """Mean test loss after `steps` updates, one row per method, over the trajectories that did
+    not diverge (lib.report.finite_stats; the row says how many did)."""
     rows = []
     for m in [m for m in METHODS + (CONTROL,) if m in curves]:
-        L = np.asarray(curves[m]["loss"], dtype=float)
-        rows.append([LABELS[m]] + [f"{L[:, s].mean():.4g} +- {L[:, s].std():.2g}" if s < L.shape[1] else "-"
-                                   for s in steps])
+        at, L = diverged_steps(curves[m]["loss"])
+        keep, n_bad = [a is None for a in at], sum(a is not None for a in at)
+        stats = [finite_stats(L[:, s], keep) if s < L.shape[1] else None for s in steps]
+        rows.append([LABELS[m] + (f" ({n_bad} of {len(at)} diverged)" if n_bad else "")]
+                    + ["-" if c is None else "diverged" if not c[2] else f"{c[0]:.4g} +- {c[1]:.2g}" for c in stats])
     return markdown_table(["method"] + [f"step {s}" for s in steps], rows)
 
 
 def plot_log_band(ax, x, L, m):
-    """Mean over test trajectories L (n_test, T) with a +-1 std band, as lib.plots.plot_mean_std
-    but with the band's lower edge cut at the smallest trajectory for the log axis (mean - std
-    < 0 for GD at some steps)."""
-    mean, std, c = L.mean(0), L.std(0), METHOD_COLORS[m]
-    ax.plot(x, mean, color=c, label=LABELS[m])
-    ax.fill_between(x, np.maximum(mean - std, L.min(0)), mean + std, color=c, alpha=0.2, lw=0)
+    """lib.plots.plot_mean_std (diverged trajectories left out and marked) with the +-1 std band's
+    lower edge cut at the smallest trajectory for the log axis (mean - std < 0 for GD at some
+    steps); the teleport-off control dashed, without a band."""
+    c, ok = METHOD_COLORS[m], L[np.isfinite(L).all(1)]
+    plot_mean_std(ax, x, L, LABELS[m], c, "--" if m == CONTROL else "-", shade=False, lw=1.2 if m == CONTROL else 1.5,
+                  limit=np.inf)
+    if len(ok) > 1 and m != CONTROL:
+        mean, std = ok.mean(0), ok.std(0)
+        ax.fill_between(x, np.maximum(mean - std, ok.min(0)), mean + std, color=c, alpha=0.2, lw=0)
 
 
-def plot(res, cfg):
+def plot(res, cfg, out):
+    """The figures of the results `res` into out/figures/."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig_dir, n, curves = os.path.join(cfg["OUT_DIR"], "figures"), cfg["PLOT_STEPS"], res["curves"]
+    fig_dir, n, curves = os.path.join(out, "figures"), cfg["PLOT_STEPS"], res["curves"]
     for name, vs_time in (("multi_layer_loss.png", False), ("multi_layer_loss_vs_time.png", True)):
         fig, ax = plt.subplots(figsize=(5, 4))
-        for m in [m for m in METHODS if m in curves]:
-            L = np.asarray(curves[m]["loss"], dtype=float)[:, :n + 1]
-            t = np.asarray(curves[m]["time_s"], dtype=float)[:, :n + 1].mean(0)
+        for m in [m for m in METHODS + (CONTROL,) if m in curves]:
+            at, L = diverged_steps(curves[m]["loss"])
+            L = L[:, :n + 1]
+            L[[a is not None for a in at], -1] = np.nan  # one diverging after the steps shown: marked at the end
+            t = kept_mean(np.asarray(curves[m]["time_s"], dtype=float)[:, :n + 1])
             plot_log_band(ax, t if vs_time else np.arange(L.shape[1]), L, m)
         ax.set(xlabel="wall-clock time (s)" if vs_time else "step", ylabel="loss", yscale="log",
                title=f"first {n} steps, per trajectory" if vs_time
                else f"Two-layer regression, {len(curves['gd']['loss'])} test trajectories")
-        ax.legend()
+        ax.legend(fontsize="small")
         save_figure(fig, os.path.join(fig_dir, name))
     fig, ax = plt.subplots(figsize=(5, 4))
     for m, h in res.get("training", {}).items():
@@ -317,6 +366,7 @@ def check(cfg):
                  "SLOPE", "LR", "M1_LR", "M2_LR"):
         check_positive(name, cfg[name], allow_zero=False)
     check_positive("T_NORM", cfg["T_NORM"])
+    check_positive("CHECKPOINT_S", cfg["CHECKPOINT_S"])
     for name, choices in (("INVERSE", ("exact", "neumann")), ("ETA_PARAM", ("clamp", "sigmoid")),
                           ("DTYPE", ("float32", "float64"))):
         check_choice(name, cfg[name], choices)
@@ -333,6 +383,37 @@ def check(cfg):
         raise UsageError("training and test seeds overlap: move TEST_SEED or TRAIN_SEED")
 
 
+def check_protocol(path, cfg):
+    """lib.io.check_replace on the config as saved (tuples as JSON lists); TEST_ONLY and RETRAIN
+    are not other settings: they recompute the same protocol."""
+    saved = load_json(path).get("config", {}) if os.path.exists(path) else {}
+    if "GD_LR" in saved and not cfg["REPLACE"]:
+        raise UsageError(f"{path} was saved under older setting names (GD_LR, LR_SOURCE); --out-dir=DIR "
+                         "writes elsewhere, --replace replaces it")
+    check_replace(path, {**json.loads(json.dumps(cfg)), **{k: saved[k] for k in ("TEST_ONLY", "RETRAIN")
+                                                           if k in saved}})
+
+
+def run_method(m, cfg, act, ckpt, loaded, training):
+    """One method as a unit of the run: its LSTMs trained (or loaded with --test-only) and
+    tested; for LSTM(update,tele) also the control with its teleport switched off."""
+    nets = make_nets(m, cfg) if m != "gd" else {}
+    unit = {"nets": {}, "training": training.get(m), "curves": {}}
+    test_seeds = [cfg["TEST_SEED"] + i for i in range(cfg["N_TEST"])]
+    if m in loaded:
+        load_nets(load_tensors(state_path(cfg, m)), nets)
+    elif nets:
+        seeds = [cfg["TRAIN_SEED"] + i for i in range(cfg[N_TRAIN[m]])]
+        unit["training"] = h = train(m, nets, cfg, act, seeds, ckpt)
+        unit["nets"] = flat_state(nets)
+        print(f"{LABELS[m]}: {len(seeds)} trajectories in {h['time_s']:.0f} s, non-finite unrolls {len(h['diverged'])}",
+              flush=True)
+    unit["curves"][m] = test(m, nets, cfg, act, test_seeds)
+    if m == "update_tele":
+        unit["curves"][CONTROL] = test("update", {"m1": nets["m1"]}, cfg, act, test_seeds)
+    return unit
+
+
 def main(cfg):
     check(cfg)
     torch.set_num_threads(cfg["THREADS"])
@@ -340,35 +421,33 @@ def main(cfg):
     json_path = os.path.join(cfg["OUT_DIR"], "results", JSON_NAME)
     if cfg["PLOT_ONLY"]:
         res = load_results(json_path)
-        plot(res, cfg)
+        with staged(cfg["OUT_DIR"]) as out:
+            plot(res, cfg, out)
         print(table(res["curves"], cfg["TABLE_STEPS"]))
         return res
     loaded = [m for m in N_TRAIN if cfg["TEST_ONLY"] and m not in cfg["RETRAIN"]]
     missing = [state_path(cfg, m) for m in loaded if not os.path.exists(state_path(cfg, m))]
     if missing:  # checked before anything is written
         raise UsageError(f"--test-only: no saved meta-optimizer {missing[0]}; train first (without --test-only)")
-    act, test_seeds = Activation(cfg["SLOPE"]), [cfg["TEST_SEED"] + i for i in range(cfg["N_TEST"])]
-    training = load_json(json_path).get("training", {}) if loaded and os.path.exists(json_path) else {}
-    saved_cfg, curves = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"])}, {}
+    check_protocol(json_path, cfg)
+    previous = load_json(json_path).get("training", {}) if loaded and os.path.exists(json_path) else {}
+    ckpt = Checkpoint(cfg, "multi_layer_regression" + ("-test-only" if cfg["TEST_ONLY"] else ""))
+    act, units = Activation(cfg["SLOPE"]), {}
     for m in ("gd", "lr_tele", "update_tele", "update"):  # the longest trainings last but one
-        nets = make_nets(m, cfg) if m != "gd" else {}
-        if m in loaded:
-            load_nets(state_path(cfg, m), nets)
-        elif nets:
-            seeds = [cfg["TRAIN_SEED"] + i for i in range(cfg[N_TRAIN[m]])]
-            training[m] = train(m, nets, cfg, act, seeds)
-            save_nets(state_path(cfg, m), nets)
-            print(f"{LABELS[m]}: {len(seeds)} trajectories in {training[m]['time_s']:.0f} s, "
-                  f"non-finite unrolls {training[m]['nonfinite']}", flush=True)
-        curves[m] = test(m, nets, cfg, act, test_seeds)
-        if m == "update_tele":
-            curves[CONTROL] = test("update", {"m1": nets["m1"]}, cfg, act, test_seeds)
-        res = {"config": saved_cfg, "environment": environment(), "curves": curves, "training": training,
-               "train_time_s": {k: h["time_s"] for k, h in training.items()},
-               "table_steps": cfg["TABLE_STEPS"], "complete": all(k in curves for k in METHODS),
-               "mean_test_loss": {k: np.asarray(c["loss"], dtype=float).mean(0) for k, c in curves.items()}}
-        save_json(json_path, res)  # after every method, so a cut-off run keeps what it finished
-    plot(res, cfg)
+        units[m] = ckpt.unit(m) or ckpt.finish_unit(m, run_method(m, cfg, act, ckpt, loaded, previous))
+    curves = {k: c for u in units.values() for k, c in u["curves"].items()}
+    training = {m: u["training"] for m, u in units.items() if u["training"] is not None}
+    res = {"config": {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"])}, "environment": environment(), "curves": curves,
+           "training": training, "loaded": loaded,
+           "diverged": {k: sum(a is not None for a in c["diverged_at"]) for k, c in curves.items()},
+           "mean_test_loss": {k: kept_mean(diverged_steps(c["loss"])[1]) for k, c in curves.items()}}
+    with staged(cfg["OUT_DIR"]) as out:
+        for m, u in units.items():
+            if u["nets"]:
+                save_tensors(state_path({**cfg, "OUT_DIR": out}, m), u["nets"])
+        save_json(os.path.join(out, "results", JSON_NAME), res)
+        plot(res, cfg, out)
+    ckpt.finish()
     print(table(curves, cfg["TABLE_STEPS"]))
     return res
 

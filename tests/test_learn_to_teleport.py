@@ -2,7 +2,10 @@
 of the meta-optimizer is loss-preserving (the authors' Neumann-series inverse is not), --lr
 drives the GD baseline and the meta learning rates drive Adam, meta-gradients reach both LSTMs,
 saved meta-optimizers reload to identical curves, --test-only fails before writing anything,
---plot-only redraws the committed JSON, and a small run writes its figures and JSON."""
+--plot-only redraws the committed JSON with the teleport-off control, a small run writes its
+figures and JSON, a run stopped part-way leaves the previous outputs and resumes to the same
+numbers, diverged trajectories are left out with a count, and results of other settings are not
+replaced."""
 import importlib.util
 import json
 import os
@@ -14,7 +17,9 @@ import pytest
 import torch
 
 from lib.config import UsageError, resolve
+from lib.io import load_tensors, save_json, save_tensors
 from lib.models import Activation, loss_fn
+from lib.progress import interrupt_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "learn-to-teleport", "multi_layer_regression.py")
@@ -102,7 +107,7 @@ def test_meta_gradient_reaches_both_lstms_and_lr_stays_clamped():
         nets = mlr.make_nets(method, cfg)
         before = {k: [p.detach().clone() for p in n.parameters()] for k, n in nets.items()}
         hist = mlr.train(method, nets, cfg, ACT, [cfg["TRAIN_SEED"]])
-        assert hist["nonfinite"] == 0 and len(hist["final_loss"]) == 1
+        assert hist["diverged"] == [] and len(hist["final_loss"]) == 1
         for k, net in nets.items():  # every LSTM, m2 through the eq. (54) action, has moved
             assert any(not torch.equal(a, b) for a, b in zip(before[k], net.parameters())), k
     curves = mlr.test("lr_tele", nets, cfg, ACT, [0])
@@ -170,11 +175,11 @@ def test_saved_meta_optimizer_reloads_to_identical_curves(tmp_path):
     nets = mlr.make_nets("update_tele", cfg)
     mlr.train("update_tele", nets, cfg, ACT, [cfg["TRAIN_SEED"] + i for i in range(2)])
     path = str(tmp_path / "m.pt")
-    mlr.save_nets(path, nets)
+    save_tensors(path, mlr.flat_state(nets))
     ref = mlr.test("update_tele", nets, cfg, ACT, [0, 1])["loss"]
     fresh = mlr.make_nets("update_tele", _cfg("--init-seed=5"))
     assert not torch.equal(fresh["m1"].heads["f"].weight, nets["m1"].heads["f"].weight)
-    mlr.load_nets(path, fresh)  # lib.io.load_tensors: torch.load(weights_only=True)
+    mlr.load_nets(load_tensors(path), fresh)  # torch.load(weights_only=True)
     assert mlr.test("update_tele", fresh, cfg, ACT, [0, 1])["loss"] == ref
     assert ref != mlr.test("update_tele", mlr.make_nets("update_tele", cfg), cfg, ACT, [0, 1])["loss"]
 
@@ -211,13 +216,20 @@ def test_default_out_dir_is_beside_the_script_wherever_run_from(tmp_path, monkey
     assert os.path.join(here, "results", "meta_opt_") in str(e.value) and os.listdir(tmp_path) == []
 
 
-def test_plot_only_redraws_the_committed_json(tmp_path, capsys):
+def test_plot_only_redraws_the_committed_json_with_the_control(tmp_path, capsys, monkeypatch):
     (tmp_path / "results").mkdir()
     shutil.copy(COMMITTED_JSON, tmp_path / "results")
+    drawn = []  # (label, line style) of every mean curve the figures draw
+    real = mlr.plot_mean_std
+    monkeypatch.setattr(mlr, "plot_mean_std", lambda ax, x, L, label, color, style, **kw:
+                        drawn.append((label, style)) or real(ax, x, L, label, color, style, **kw))
     res = mlr.main(resolve(mlr, ["--plot-only", f"--out-dir={tmp_path}"]))
     for f in ("multi_layer_loss.png", "multi_layer_loss_vs_time.png", "multi_layer_meta_training.png"):
         assert os.path.getsize(tmp_path / "figures" / f) > 1000
     assert res["complete"] and "| LSTM(update,tele) | 63.27 +- 18 |" in capsys.readouterr().out
+    # the teleport-off control, on which the finding rests, is in both loss figures, dashed
+    assert drawn.count((mlr.LABELS[mlr.CONTROL], "--")) == 2 and len(drawn) == 10
+    assert sorted(os.listdir(tmp_path)) == ["figures", "results"]  # staged: no leftovers
     with pytest.raises(UsageError, match="--plot-only: no saved results"):
         mlr.main(resolve(mlr, ["--plot-only", f"--out-dir={tmp_path / 'none'}"]))
 
@@ -234,9 +246,10 @@ def test_quick_run_writes_figures_and_json_and_uses_lr(tmp_path, capsys):
     with open(os.path.join(out, "results", "multi_layer_regression.json")) as fh:
         res = json.load(fh)
     q = mlr.QUICK_SETTINGS
-    assert res["complete"] and set(res["curves"]) == set(mlr.METHODS) | {mlr.CONTROL}
+    assert set(res["curves"]) == set(mlr.METHODS) | {mlr.CONTROL} and not any(res["diverged"].values())
     # teleport is loss-preserving: switching it off cannot change the loss after the first step
-    assert res["curves"][mlr.CONTROL]["loss"][0][:2] == pytest.approx(res["curves"]["update_tele"]["loss"][0][:2], rel=1e-5)
+    first = [res["curves"][m]["loss"][0][:2] for m in (mlr.CONTROL, "update_tele")]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
     assert len(res["curves"]["update_tele"]["loss"]) == q["N_TEST"]
     assert len(res["curves"]["gd"]["loss"][0]) == q["TEST_STEPS"] + 1
     assert len(res["training"]["update_tele"]["final_loss"]) == q["N_TRAIN_UPDATE_TELE"]
@@ -260,3 +273,104 @@ def test_quick_run_test_only_reloads_identical_curves(tmp_path):
     for m in mlr.METHODS + (mlr.CONTROL,):
         assert res2["curves"][m]["loss"] == res["curves"][m]["loss"]
     assert res2["training"] == json.loads(json.dumps(res["training"]))
+
+
+def _files(root):
+    """{relative path: bytes} of the output set under root (figures/ and results/)."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for sub in ("figures", "results") for d, _, fs in os.walk(os.path.join(root, sub)) for f in fs}
+
+
+def test_interrupted_run_keeps_the_previous_outputs_and_resumes_to_the_same_numbers(tmp_path, monkeypatch, capsys):
+    args = ["--n-train-update-tele=3", "--checkpoint-s=0"]
+    # figures stand in as one small file (drawing is most of a tiny run's time; other tests draw them)
+    monkeypatch.setattr(mlr, "plot", lambda res, cfg, out: save_json(os.path.join(out, "figures", "f.json"), res))
+    whole = mlr.main(_cfg(*args, f"--out-dir={tmp_path / 'whole'}"))
+    shutil.copytree(tmp_path / "whole", tmp_path / "run", ignore=shutil.ignore_patterns(".progress"))
+    before = _files(tmp_path / "run")  # the previous complete output set
+    draw, drawn = mlr.draw_problems, []
+
+    def stop_at_third(seeds, cfg):  # Ctrl-C as LSTM(update,tele)'s third trajectory starts
+        if seeds[0] == cfg["TRAIN_SEED"] + 2 and not drawn:
+            drawn.append(seeds[0])
+            raise KeyboardInterrupt
+        return draw(seeds, cfg)
+    monkeypatch.setattr(mlr, "draw_problems", stop_at_third)
+    cfg = _cfg(*args, f"--out-dir={tmp_path / 'run'}")
+    with pytest.raises(KeyboardInterrupt):
+        mlr.main(cfg)
+    assert "LSTM(update,tele), 2 of 3 trajectories" in interrupt_message(["x.py"])
+    assert _files(tmp_path / "run") == before  # the previous set as it was, no staging folder left
+    assert sorted(os.listdir(tmp_path / "run")) == [".progress", "figures", "results"]
+    trained = []  # training trajectories drawn on resuming: LSTM(lr,tele) is done, LSTM(update,tele) resumes at 2
+    monkeypatch.setattr(mlr, "draw_problems",
+                        lambda seeds, c: trained.extend(s for s in seeds if s >= c["TRAIN_SEED"]) or draw(seeds, c))
+    again = mlr.main(cfg)
+    assert trained == [10002, 10000, 10001] and "resuming from" in capsys.readouterr().err
+    close = lambda a, b: torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=0)  # noqa: E731
+    for m in mlr.METHODS + (mlr.CONTROL,):
+        close(again["curves"][m]["loss"], whole["curves"][m]["loss"])
+    for m in mlr.N_TRAIN:
+        close(again["training"][m]["final_loss"], whole["training"][m]["final_loss"])
+    assert os.listdir(tmp_path / "run" / ".progress") == []  # finished: the checkpoint is gone
+    after = _files(tmp_path / "run")
+    assert set(after) == set(before) and after != before
+    for m in mlr.N_TRAIN:  # the saved LSTMs are those of the uninterrupted run
+        a, b = (load_tensors(tmp_path / d / "results" / f"meta_opt_{m}.pt") for d in ("run", "whole"))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+    with pytest.raises(UsageError, match="other settings: LR=0.0001") as e:  # another protocol: refused, unchanged
+        mlr.main(_cfg(*args, f"--out-dir={tmp_path / 'run'}", "--lr=1e-4"))
+    assert "--replace" in str(e.value) and "\n" not in str(e.value) and _files(tmp_path / "run") == after
+
+
+def test_absurd_lr_diverges_and_the_run_says_so(tmp_path, capsys):
+    # GD at lr 1e6 blows up at its first step; Adam at 1e12 makes m1's meta-loss non-finite
+    res = mlr.main(_cfg("--lr=1e6", "--m1-lr=1e12", f"--out-dir={tmp_path}"))
+    out = capsys.readouterr().out
+    assert res["curves"]["gd"]["diverged_at"] == [1, 1] and res["diverged"]["gd"] == 2
+    assert "| GD (2 of 2 diverged) | diverged | diverged | diverged |" in out
+    # the first unroll (steps 1-5) is finite; after its Adam step the loss at step 6 is not, and
+    # the next trajectory starts with NaN LSTMs
+    assert res["training"]["update"]["diverged"] == [[0, 6], [1, 1]]
+    assert res["diverged"]["lr_tele"] == 0 and "| LSTM(lr,tele) | " in out  # unaffected by either lr
+    for f in ("multi_layer_loss.png", "multi_layer_loss_vs_time.png", "multi_layer_meta_training.png"):
+        assert os.path.getsize(tmp_path / "figures" / f) > 1000
+    text = (tmp_path / "results" / "multi_layer_regression.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert saved["mean_test_loss"]["gd"] == [None] * 11 and saved["diverged"]["gd"] == 2  # no GD trajectory left
+
+
+def test_diverged_trajectories_are_left_out_of_the_table_with_a_count():
+    nan = float("nan")
+    curves = {"gd": {"loss": [[10.0, 5.0, 4.0], [10.0, 7.0, 6.0], [10.0, 2e4, nan]]},
+              "update": {"loss": [[10.0, 3.0, 2.0], [10.0, nan, nan]]}}
+    at, L = mlr.diverged_steps(curves["gd"]["loss"])
+    assert at == [None, None, 1] and torch.isnan(torch.tensor(L[2, 1:])).all()  # 2e4 > DIVERGED x L(w_0)
+    assert mlr.kept_mean(L).tolist() == [10.0, 6.0, 5.0]
+    text = mlr.table(curves, [1, 2, 5])
+    assert "| GD (1 of 3 diverged) | 6 +- 1 | 5 +- 1 | - |" in text
+    assert "| LSTM(update) (1 of 2 diverged) | 3 +- 0 | 2 +- 0 | - |" in text
+
+
+def test_defaults_are_the_committed_protocol():
+    saved, cfg = json.load(open(COMMITTED_JSON))["config"], resolve(mlr, [])
+    # the committed JSON predates the fence's names: GD_LR is LR, LR_SOURCE/META_LRS are PAPER_META_LRS/M1_LR/M2_LR
+    assert cfg["LR"] == saved["GD_LR"] and [cfg["M1_LR"], cfg["M2_LR"]] == saved["META_LRS"][saved["LR_SOURCE"]]
+    assert cfg["PAPER_META_LRS"] == (saved["LR_SOURCE"] == "paper")
+    modes = {"TEST_ONLY", "RETRAIN", "PLOT_ONLY", "OUT_DIR", "PROGRESS", "THREADS", "DEVICE"}
+    assert {k: v for k, v in saved.items() if k in cfg and k not in modes} == \
+           {k: json.loads(json.dumps(cfg[k])) for k in saved if k in cfg and k not in modes}
+
+
+def test_results_of_other_settings_are_refused_but_the_modes_are_not(tmp_path):
+    path = tmp_path / "r.json"
+    save_json(path, {"config": _cfg()})
+    mlr.check_protocol(str(path), _cfg("--test-only", "--retrain=['update']", "--checkpoint-s=5"))  # same protocol
+    for arg in ("--lr=1e-4", "--paper-meta-lrs", "--inverse=neumann"):
+        with pytest.raises(UsageError, match="--replace replaces them"):
+            mlr.check_protocol(str(path), _cfg(arg))
+        mlr.check_protocol(str(path), _cfg(arg, "--replace"))
+    with pytest.raises(UsageError, match="older setting names") as e:  # the committed JSON, before the fence's names
+        mlr.check_protocol(COMMITTED_JSON, resolve(mlr, []))
+    assert "\n" not in str(e.value)
+    mlr.check_protocol(COMMITTED_JSON, resolve(mlr, ["--replace"]))
