@@ -137,8 +137,11 @@ def staged(root):
     block completes, move every file to the same place under `root` (replacing the previous
     ones); when it fails or is interrupted, discard the staging folder: the previous complete
     set stays in place."""
-    os.makedirs(root, exist_ok=True)
-    stage = tempfile.mkdtemp(dir=root, prefix=".staging-")
+    try:
+        os.makedirs(root, exist_ok=True)
+        stage = tempfile.mkdtemp(dir=root, prefix=".staging-")
+    except OSError as e:
+        raise UsageError(f"--out-dir={root}: cannot write there ({e.strerror})") from None
     try:
         yield stage
         for folder, _, files in os.walk(stage):
@@ -160,6 +163,7 @@ def check_replace(path, cfg):
         saved = load_json(path).get("config", {})
     except (OSError, ValueError):
         return  # unreadable: nothing worth keeping
+    cfg = _clean(cfg)  # as it would be saved: tuples as lists, non-finite floats as null
     diff = sorted(k for k in set(saved) | set(cfg) if k not in PLUMBING and saved.get(k) != cfg.get(k))
     if diff:
         shown = ", ".join(f"{k}={cfg.get(k)!r} (saved: {saved.get(k)!r})" for k in diff[:3])

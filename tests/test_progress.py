@@ -86,6 +86,12 @@ def test_results_of_other_settings_are_not_replaced(tmp_path):
     with pytest.raises(UsageError, match="CONTROLS=False"):
         check_replace(path, {"CONTROLS": False, "EPOCHS": 40})
     check_replace(path, {"CONTROLS": False, "EPOCHS": 40, "REPLACE": True})
+    save_json(path, {"config": {"TS": (1.0, 0.5)}})
+    check_replace(path, {"TS": (1.0, 0.5)})  # a tuple is saved as a list: the same setting
+    (tmp_path / "file").write_text("")
+    from lib.io import staged
+    with pytest.raises(UsageError, match="cannot write"), staged(str(tmp_path / "file")):
+        pass
 
 
 def test_diverged_runs_are_found_and_left_out():
