@@ -1,10 +1,15 @@
 """correlation.py (Table 1, Figures 9-10): smoke run on tiny files through the real loader,
 --lr and --draw-seed reach the run, --plot-only on the committed results, batched metrics equal
-per-model ones, the partial correlation against its closed form."""
+per-model ones, the partial correlation against its closed form; a run stopped in training and
+again in the metrics resumes to the numbers of an uninterrupted one and leaves the previous
+outputs in place meanwhile; results of other settings are not replaced; diverged models are
+left out of the correlations and counted."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +21,7 @@ from lib.config import UsageError, resolve, run, with_preset
 from lib.data import synthetic, write_fake
 from lib.io import load_json, load_tensors
 from lib.models import Activation, init_mlp
+from scipy.stats import pearsonr
 
 sys.path.insert(0, ROOT)
 import correlation  # noqa: E402
@@ -47,10 +53,14 @@ def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_pa
     for m in ("phi_sphere", "phi_orthant", "psi", "val_loss", "train_loss_final", "loss_w", "phi_sphere_excess"):
         assert len(res[m]) == K and all(np.isfinite(res[m]))
     assert np.allclose(np.array(res["phi_sphere"]) - res["loss_w"], res["phi_sphere_excess"])
+    assert res["diverged_epoch"] == [None] * K and res["n_diverged"] == 0 and res["n_kept"] == K
+    assert sorted(os.listdir(out)) == [".progress", "figures", "results"]  # no stage left behind
+    assert os.listdir(out / ".progress") == []  # the run completed: its checkpoint is gone
     assert all(p > 0 for p in res["psi"])
     # sharpness averages losses at displaced weights: above the loss at the minimum on average
     assert np.mean(res["phi_sphere"]) > np.mean(res["train_loss_final"]) - 0.5
-    assert "| sharpness (sphere): r with val. loss |" in (res_dir / "table1.md").read_text()
+    md = (res_dir / "table1.md").read_text()
+    assert "| sharpness (sphere): r with val. loss |" in md and "Quick run (--quick): not the paper's protocol" in md
     csv = (res_dir / "table1.csv").read_text().splitlines()
     assert csv[0] == "measure,MNIST ours,MNIST paper" and len(csv) == 15
     # metrics again from the saved weights (weights_only load): the same numbers, no training
@@ -69,8 +79,14 @@ def test_lr_and_draw_seed_reach_the_run_and_are_recorded(tmp_path):
     results = lambda out: tmp_path / out / "results" / "correlation"  # noqa: E731
     for out in ("default", "lr"):
         os.makedirs(results(out))
-    base = correlation.run_dataset("MNIST", cfg("default"), results("default"))
-    fast = correlation.run_dataset("MNIST", cfg("lr", "--lr=0.05"), results("lr"))
+
+    def run_dataset(cfg, res_dir):  # as main does it, without the stage: a fresh computation each time
+        ckpts = []
+        res = correlation.run_dataset("MNIST", cfg, res_dir, ckpts)
+        ckpts[0].finish()
+        return res
+    base = run_dataset(cfg("default"), results("default"))
+    fast = run_dataset(cfg("lr", "--lr=0.05"), results("lr"))
     assert base["config"]["LR"] == 0.01 and fast["config"]["LR"] == 0.05
     assert load_json(results("lr") / "MNIST_training.json")["config"]["LR"] == 0.05
     w0, w1 = (load_tensors(results(out) / "MNIST_weights.pt") for out in ("default", "lr"))
@@ -79,15 +95,15 @@ def test_lr_and_draw_seed_reach_the_run_and_are_recorded(tmp_path):
     assert not np.allclose(base["phi_sphere"], fast["phi_sphere"])
     # other draws on the same weights: other phi and psi, same validation losses; equal seeds
     # give equal numbers
-    seeded = [correlation.run_dataset("MNIST", cfg("lr", "--lr=0.05", "--skip-training", "--draw-seed=7"),
-                                      results("lr")) for _ in range(2)]
+    seeded = [run_dataset(cfg("lr", "--lr=0.05", "--skip-training", "--draw-seed=7"), results("lr"))
+              for _ in range(2)]
     assert seeded[0]["config"]["DRAW_SEED"] == 7 and seeded[0]["val_loss"] == fast["val_loss"]
     for m in ("phi_sphere", "phi_orthant", "psi"):
         assert not np.allclose(seeded[0][m], fast[m]), m
         assert seeded[0][m] == seeded[1][m], m
     # the saved weights were trained with lr 0.05: measuring them under another lr is refused
     with pytest.raises(UsageError, match="trained with LR=0.05"):
-        correlation.run_dataset("MNIST", cfg("lr", "--skip-training"), results("lr"))
+        run_dataset(cfg("lr", "--skip-training"), results("lr"))
 
 
 def test_all_datasets_take_each_preset_and_the_users_value_wins():
@@ -226,3 +242,142 @@ def test_sharpness_shared_directions_equals_perturbed_models(loss):
     assert torch.allclose(sharpness(W, X, Y, ACT, ts, D, loss), naive, atol=1e-12)
     per_model = [d.unsqueeze(1).expand(-1, 3, -1, -1) for d in D]  # the general (n, K, ...) path
     assert torch.allclose(sharpness(W, X, Y, ACT, ts, per_model, loss), naive, atol=1e-12)
+
+
+def snapshot(out):
+    """{path: bytes} of every output file under out (checkpoints aside)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
+            if p.is_file() and ".progress" not in p.parts}
+
+
+def stop_at(monkeypatch, module, name, n):
+    """Make module.name raise KeyboardInterrupt on its n-th call (never if n is None); returns the
+    list of calls made."""
+    real, calls = getattr(module, name), []
+
+    def stopping(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(module, name, stopping)
+    return calls
+
+
+NUMBERS = ("phi_sphere", "phi_orthant", "psi", "loss_w", "phi_sphere_excess", "val_loss", "val_acc",
+           "train_loss_final", "train_loss_epoch_mean")
+
+
+def test_interrupted_in_training_and_in_metrics_resumes_to_the_same_numbers(tmp_path, monkeypatch, capsys):
+    import lib.train
+    write_fake(tmp_path / "data", "MNIST", n_train=80, n_test=40, seed=5)
+    args = ["--quick", f"--data-dir={tmp_path / 'data'}", "--progress=False", "--n-draws=2", "--fig-dpi=30",
+            "--checkpoint-s=0"]
+    main = lambda out, *more: run(correlation.main, vars(correlation), argv=[*args, f"--out-dir={out}", *more])  # noqa: E731
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    main(whole)
+    main(out, "--epochs=1", "--n-draws=1")  # the previous complete set
+    before = snapshot(out)
+    assert len(before) == 8  # 3 figures, 2 results JSON, weights, table .md and .csv
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # other settings than the saved results: refused
+        main(out)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "EPOCHS=2 (saved: 1)" in err and "--replace" in err and err.count("\n") == 1
+    for module, name, n, said in ((lib.train, "train_epoch", 2, "MNIST training, epoch 1 of 2"),
+                                  (correlation, "draw", 2, "MNIST metrics, draw 1 of 2")):
+        with monkeypatch.context() as m:
+            stop_at(m, module, name, n)
+            with pytest.raises(SystemExit) as e:
+                main(out, "--replace")
+        last = capsys.readouterr().err.splitlines()[-1]  # after a "resuming from" line on the second stop
+        assert e.value.code == 130 and last.startswith("interrupted: ") and said in last and "resumes" in last
+        assert snapshot(out) == before  # the previous set, whole and unchanged
+        assert sorted(os.listdir(out)) == [".progress", "figures", "results"]
+    epochs, draws = stop_at(monkeypatch, lib.train, "train_epoch", None), stop_at(monkeypatch, correlation, "draw", None)
+    main(out, "--replace")
+    assert (epochs, draws) == ([], [1])  # training was done, draw 0 too: draw 1 remained
+    assert "resuming from" in capsys.readouterr().err and os.listdir(out / ".progress") == []
+    a, b = (load_json(d / "results" / "correlation" / "MNIST.json") for d in (whole, out))
+    for k in NUMBERS:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, err_msg=k)
+    for m, c in a["correlations"].items():
+        for k, v in c.items():
+            assert b["correlations"][m][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (m, k)
+    ha, hb = (load_json(d / "results" / "correlation" / "MNIST_training.json")["history"] for d in (whole, out))
+    for k in ("train_loss", "test_loss", "test_acc"):
+        np.testing.assert_allclose(hb[k], ha[k], rtol=1e-6, err_msg=k)
+    wa, wb = (load_tensors(d / "results" / "correlation" / "MNIST_weights.pt") for d in (whole, out))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-6, atol=0) for k in wa)
+    assert snapshot(out).keys() == before.keys() and snapshot(out) != before
+
+
+def test_the_committed_protocol_is_the_default_and_other_settings_do_not_replace_it():
+    saved = os.path.join(ROOT, "results", "correlation", "MNIST.json")  # saved under the old setting names
+    plain = lambda *more: correlation.dataset_config(resolve(correlation, ["--dataset=MNIST", *more]), "MNIST")  # noqa: E731
+    correlation.check_saved(saved, plain())  # the plain command reproduces (and may replace) it
+    correlation.check_saved(saved, plain("--skip-training", "--data-dir=elsewhere", "--checkpoint-s=0"))
+    for more, said in ((["--epochs=5"], "EPOCHS=5 (saved: 40)"), (["--lr=0.02"], "LR=0.02 (saved: 0.01)"),
+                       (["--quick"], "EPOCHS=2 (saved: 40)")):
+        with pytest.raises(UsageError, match=r"MNIST.json holds results made with other settings") as e:
+            correlation.check_saved(saved, plain(*more))
+        assert said in str(e.value) and "\n" not in str(e.value)
+        correlation.check_saved(saved, plain(*more, "--replace"))
+
+
+def test_diverged_models_are_left_out_and_counted(tmp_path, monkeypatch):
+    import lib.train
+    write_fake(tmp_path / "data", "MNIST", n_train=80, n_test=40, seed=6)
+    args = ["--quick", f"--data-dir={tmp_path / 'data'}", "--progress=False", "--n-draws=2", "--fig-dpi=30"]
+    figures = ("sharpness_vs_val_loss", "curvature_vs_val_loss", "sharpness_vs_curvature")
+    # an absurd learning rate: every model diverges in its first epoch; the run still completes
+    run(correlation.main, vars(correlation), argv=[*args, f"--out-dir={tmp_path / 'all'}", "--lr=1e6"])
+    res_dir = tmp_path / "all" / "results" / "correlation"
+    res = load_json(res_dir / "MNIST.json")
+    assert res["diverged_epoch"] == [1] * 4 and res["n_diverged"] == 4 and res["n_kept"] == 0
+    assert res["phi_sphere"] == [None] * 4 and res["psi"] == [None] * 4  # not measured
+    assert res["correlations"]["psi"]["r_val"] is None
+    md = (res_dir / "table1.md").read_text()
+    assert "4 left out: 4 diverged in training" in md and "| n/a |" in md
+    for f in figures:
+        assert (tmp_path / "all" / "figures" / "correlation" / f"MNIST_{f}.png").read_bytes()[:4] == b"\x89PNG"
+    # one model of five breaks in epoch 2: the correlations are those of the other four
+    real = lib.train.train_epoch
+
+    def breaking(W, *a, **kw):
+        breaking.calls += 1
+        if breaking.calls == 2:
+            with torch.no_grad():
+                W[0][0, 0, 0] = float("nan")
+        return real(W, *a, **kw)
+    breaking.calls = 0
+    monkeypatch.setattr(lib.train, "train_epoch", breaking)
+    run(correlation.main, vars(correlation), argv=[*args, f"--out-dir={tmp_path / 'one'}", "--n-models=5"])
+    res_dir = tmp_path / "one" / "results" / "correlation"
+    res = load_json(res_dir / "MNIST.json")
+    assert res["diverged_epoch"] == [2, None, None, None, None] and res["n_kept"] == 4
+    assert res["phi_sphere"][0] is None and all(np.isfinite(res["phi_sphere"][1:] + res["psi"][1:]))
+    for m in ("phi_sphere", "psi"):
+        assert res["correlations"][m]["r_val"] == pytest.approx(pearsonr(res[m][1:], res["val_loss"][1:])[0])
+    assert "1 left out: 1 diverged in training, r over the other 4" in (res_dir / "table1.md").read_text()
+    for f in figures:
+        assert (tmp_path / "one" / "figures" / "correlation" / f"MNIST_{f}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_line_is_one_line_and_status_130(tmp_path):
+    write_fake(tmp_path / "data", "MNIST", n_train=120, n_test=60, seed=2)
+    args = [sys.executable, "correlation.py", "--quick", f"--data-dir={tmp_path / 'data'}", f"--out-dir={tmp_path}",
+            "--epochs=500", "--checkpoint-s=0", "--progress=False"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    saved = tmp_path / ".progress" / "correlation-MNIST.pt"
+    for _ in range(1200):  # until the first epoch is saved: then it is training
+        if saved.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert last.startswith("interrupted: progress saved (MNIST training, epoch") and "--epochs=500" in last
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.json"))
