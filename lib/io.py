@@ -153,9 +153,10 @@ def staged(root):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def check_replace(path, cfg):
+def check_replace(path, cfg, ignore=()):
     """Refuse (one line) to replace a results file made with other settings, unless REPLACE:
-    only a run of the same protocol replaces saved results."""
+    only a run of the same protocol replaces saved results. Plumbing settings (and `ignore`:
+    modes that recompute the same protocol, e.g. from saved weights) are not compared."""
     from lib.progress import PLUMBING
     if cfg.get("REPLACE") or not os.path.exists(path):
         return
@@ -164,7 +165,8 @@ def check_replace(path, cfg):
     except (OSError, ValueError):
         return  # unreadable: nothing worth keeping
     cfg = _clean(cfg)  # as it would be saved: tuples as lists, non-finite floats as null
-    diff = sorted(k for k in set(saved) | set(cfg) if k not in PLUMBING and saved.get(k) != cfg.get(k))
+    diff = sorted(k for k in set(saved) | set(cfg)
+                  if k not in PLUMBING and k not in ignore and saved.get(k) != cfg.get(k))
     if diff:
         shown = ", ".join(f"{k}={cfg.get(k)!r} (saved: {saved.get(k)!r})" for k in diff[:3])
         raise UsageError(f"{path} holds results made with other settings: {shown}; --out-dir=DIR writes "
