@@ -1,71 +1,69 @@
-"""Exact positive-rescaling teleportation vs the GL(h) teleport of eq. (46) (issue 6; not a paper
-figure: the course project's claim that the rescaling symmetry beats the paper's GL action).
+"""Exact positive-rescaling teleportation vs the GL(h) teleport of eq. (46) (not a paper figure: the
+course project's claim that the rescaling symmetry beats the paper's GL action).
 
 (Leaky)ReLU is positively homogeneous, sigma(alpha z) = alpha sigma(z) for alpha > 0, so scaling the
 incoming weights of hidden neuron i by alpha_i = exp(a_i) and its outgoing weights by 1/alpha_i leaves
 the network's function unchanged on *every* input (G-SGD, Meng et al. 2019):
     W_m <- diag(e^{a_m}) W_m,   W_{m+1} <- W_{m+1} diag(e^{-a_m}),   every hidden layer m at once.
-The Lie algebra is the diagonal (a_m in R^{d_m}); teleportation climbs ||grad L||^2 (Section 5.1,
-Algorithm 1's inner loop) by gradient ascent on a. The GL(h) action of eq. (46) needs a pseudo-inverse
-of the activations and preserves the loss only on the teleport batch (and only when the batch is no
-larger than the hidden widths; here 200 > 16, so it drifts even there).
+Teleportation climbs ||grad L||^2 (Section 5.1, Algorithm 1's inner loop) by gradient ascent on the
+diagonal Lie algebra (a_m in R^{d_m}). The GL(h) action of eq. (46) needs a pseudo-inverse of the
+activations and preserves the loss only on the teleport batch, and only when the batch is no larger
+than the hidden widths (here 200 > 16, so it drifts even there).
 
-Arms (5 seeds each, same initial weights and the same teleport batches in every arm):
-  none       no teleport
-  reset-only no teleport, but the optimizer state is reset at the teleport moments (a control, added
-             here: for Adagrad the reset alone changes the trajectory)
-  gl46       eq. (46) on every layer pair, g = I + T (the authors' parametrisation)
-  gl46-last  eq. (46) on the last pair (W_3, W_2) only (the authors' original restriction)
-  rescale    positive rescaling of every hidden layer, alpha = exp(a)
+Arms (5 seeds each, same initial weights and the same teleport batches in every arm): none (no
+teleport); reset-only (no teleport, but the optimizer state is reset at the teleport moments: a
+control, for Adagrad the reset alone changes the trajectory); gl46 (eq. (46) on every layer pair,
+g = I + T, the authors' parametrisation); gl46-last (eq. (46) on the last pair (W_3, W_2) only, the
+authors' original restriction); rescale (positive rescaling of every hidden layer, alpha = exp(a)).
 Protocol: MNIST 784-16-10-10 without biases, ReLU and LeakyReLU(0.1), SGD and Adagrad at lr 1e-2,
 batches of 20 in sequential order, 20 epochs; teleport before each of the first 8 mini-batches of
 epochs 0 and 2, each on a fresh random batch of 200 training images, 10 ascent steps; optimizer state
-reset after each teleport (the authors' code).
-Two choices not in the issue, both forced by the measurements (results/rescaling/*sweep*.json):
-  * ascent on log ||grad L||^2 (OBJECTIVE): the same direction as on ||grad L||^2, with steps relative
-    to ||grad L||^2. Plain ascent on ||grad L||^2 runs away on both orbits (both are unbounded above):
-    at any step size that moves the weights, some seeds reach non-finite ||grad L||^2 or training
-    losses of 1e6 and more (MNIST_stepsize_sweep_plain_grad_norm_no_drift_guard.json).
-  * a guard (REJECT_DRIFT): a model's teleport is undone if it makes ||grad L||^2 or the weights
-    non-finite, or moves the loss on its own teleport batch by more than 10 %; the table counts these.
-Teleport step sizes, tuned once per action by `--tune=True` (3 epochs, all four activation/optimizer
-pairs, lowest mean training loss among step sizes with <= 10 % of teleports undone):
-gl46 1e-3, gl46-last 1e-3, rescale 1e-2 (of 1e-3 ... 1). The wider network reuses them.
+reset after each teleport (the authors' code). Two choices forced by the step-size sweeps
+(tune_rescaling_step_sizes.py, results/rescaling/*sweep*.json): ascent on log ||grad L||^2 (OBJECTIVE:
+the same direction, steps relative to ||grad L||^2), since plain ascent on ||grad L||^2 runs away on
+both orbits (both are unbounded above); and a guard (REJECT_DRIFT): a model's teleport is undone if it
+makes ||grad L||^2 or the weights non-finite, or moves the loss on its own teleport batch by more than
+10 % (the table counts these). Step sizes TELE_LR_*, tuned per action by the sweep: gl46 1e-3,
+gl46-last 1e-3, rescale 1e-2 (of 1e-3 ... 1); the wider network reuses them.
 
     python teleport_relu_rescaling.py --data-dir=../shared/data/mnist5k     # the protocol
     python teleport_relu_rescaling.py --widths=[784,128,64,10] ...           # the wider network
-    python teleport_relu_rescaling.py --tune=True ...                        # the step-size sweep
-    python teleport_relu_rescaling.py --plot-only=True ...                   # redraw from results
+    python teleport_relu_rescaling.py --plot-only ...                        # redraw from results
+    python tune_rescaling_step_sizes.py ...                                  # the step-size sweep
 
-Outputs: figures/rescaling/<tag>_<activation>_<optimizer>_{loss,drift}.png,
-results/rescaling/<tag>_<activation>_<optimizer>.json, results/rescaling/<tag>_table.{json,md}
-(<tag> = dataset, plus the widths when not the default, plus TAG when given).
+Outputs: under OUT_DIR, figures/rescaling/<tag>_<activation>_<optimizer>_{loss,drift}.png,
+results/rescaling/<tag>_<activation>_<optimizer>.json (resolved config, environment, data, per arm
+the training curves, every teleport's record and a summary) and results/rescaling/<tag>_table.{json,md}
+(<tag> = dataset, plus the widths when not the dataset's preset, plus TAG when given).
+
 CPU runtime (2 cores shared with other jobs, load ~14; 4,000-image MNIST subset): the protocol ~5 min
-per activation (run as two processes), the sweep ~10 min per process, 784-128-64-10 ~17 min per activation.
+per activation (run as two processes), 784-128-64-10 ~17 min per activation; --quick (500 images,
+2 seeds, 3 epochs): 30 s with OMP_NUM_THREADS=1 (load ~3), half of it drawing the 8 figures.
 Headline (mnist5k): rescaling is exact (test-set drift <= 3.4e-7, float32 round-off) where GL(46)
 drifts it by a median 3e-6 ... 3e-4 (max 3.5e-2) and takes 2-3x longer per teleport; at the tuned step sizes it gives the
 lowest mean training loss after 20 epochs in 3 of 4 settings, but by less than the seed-to-seed spread
 of the paired difference, and on Adagrad most of any gain is the optimizer reset (reset-only control).
 """
-import math
 import os
 
 import numpy as np
 import torch
 
 from lib.actions import GLAction, RescaleAction, group_element
+from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run
-from lib.data import check_dataset, load
-from lib.models import ACTIVATIONS as _ACTIVATION_CHOICES, activation, evaluate
-from lib.optim import OPTIMIZERS as _OPTIMIZER_CHOICES, STRATEGIES as _STRATEGIES
-from lib.results import (COLORS as _COLORS, atomic_path, environment, experiment_dirs, format_row, load_json,
-                         markdown_table, plot_mean_std, save_figure, save_json)
+from lib.data import load
+from lib.io import environment, experiment_dirs, load_results, relative, save_json, save_text
+from lib.models import ACTIVATIONS as ACTIVATION_CHOICES, activation
+from lib.optim import OPTIMIZERS as OPTIMIZER_CHOICES, check_strategy
+from lib.plots import COLORS, plot_mean_std, save_figure
+from lib.report import format_row, markdown_table
 from lib.teleport import make_objective
-from lib.train import TeleportHook, fit, make_model
+from lib.train import fit, make_model
 
-# ---------------------------------------------------------------------------------------------
+# ---- config ---------------------------------------------------------------------------------
 DATASET = "MNIST"              # MNIST, FashionMNIST or CIFAR10
-WIDTHS = None                  # layer widths d_0..d_L, e.g. [784,128,64,10]; None = DATASET_DEFAULTS
+WIDTHS = None                  # layer widths d_0..d_L, e.g. [784,128,64,10] (None: the dataset's preset)
 ACTIVATIONS = ["relu", "leaky_relu"]  # hidden activations to run: relu, leaky_relu (slope 0.1)
 OPTIMIZERS = ["sgd", "adagrad"]  # optimizers to run (lib.optim names)
 LR = 1e-2                      # learning rate of every optimizer
@@ -80,156 +78,130 @@ TELE_BATCHES = 8               # teleports per teleport epoch, before mini-batch
 TELE_BATCH_SIZE = 200          # images per teleport batch (a second batch measures held-out drift)
 TELE_STEPS = 10                # gradient-ascent steps per teleport
 OBJECTIVE = "log_grad_norm"    # ascent on log ||grad L||^2 (steps relative to ||grad L||^2) or grad_norm
-TELE_LR = {"gl46": 1e-3, "gl46-last": 1e-3, "rescale": 1e-2}  # ascent step size per action (tuned, --tune)
+TELE_LR_GL46 = 1e-3            # ascent step size of the gl46 arm (tuned: tune_rescaling_step_sizes.py)
+TELE_LR_GL46_LAST = 1e-3       # ascent step size of the gl46-last arm (tuned)
+TELE_LR_RESCALE = 1e-2         # ascent step size of the rescale arm (tuned)
 GL_GROUP = "first_order"       # GL element from T: first_order (g = I + T, the authors') or exp
 REJECT_DRIFT = 0.1             # undo a model's teleport if its loss on the teleport batch moved more (relative)
 OPT_STATE = "reset"            # optimizer state after a teleport: reset, keep or transport
 TELE_SEED = 2024               # seed of the teleport batches (the same in every arm)
 REPORT_EPOCHS = [1, 5, 20]     # epochs (1-based) whose losses go into the table
-TUNE = False                   # True: run the step-size sweep instead of the protocol
-TUNE_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]  # step sizes tried by the sweep
-TUNE_MAX_UNDONE = 0.1          # sweep: step sizes with more teleports undone (fraction) are not chosen
-TUNE_EPOCHS = 3                # epochs per sweep run (covers the teleports of epochs 0 and 2)
-PLOT_ONLY = False              # True: redraw figures and table from saved results, no training
-DATA_DIR = "data"              # folder in torchvision's layout (--data-dir)
-DEVICE = "cpu"                 # cpu, cuda or auto (--device)
+PLOT_ONLY = False              # redraw figures and table from saved results, no training
+DATA_DIR = "data"              # folder in torchvision's layout
+DEVICE = "cpu"                 # cpu, cuda or auto
 OUT_DIR = "."                  # figures/ and results/ go under this folder
 TAG = ""                       # extra name for the output files of a variant run, e.g. "big-steps"
 PROGRESS = True                # tqdm progress bars
 FIG_DPI = 150                  # resolution of the PNG figures
 # ---------------------------------------------------------------------------------------------
+PRESETS = {"DATASET": {"MNIST": {"WIDTHS": [784, 16, 10, 10]}, "FashionMNIST": {"WIDTHS": [784, 16, 10, 10]},
+                       "CIFAR10": {"WIDTHS": [3072, 16, 10, 10]}}}
+QUICK_SETTINGS = {"TRAIN_SIZE": 500, "EPOCHS": 3, "SEEDS": [0, 1], "TELE_BATCHES": 2, "TELE_BATCH_SIZE": 40,
+                  "TELE_STEPS": 3, "REPORT_EPOCHS": [1, 3], "FIG_DPI": 50}
 
-DATASET_DEFAULTS = {           # per-dataset defaults
-    "MNIST": {"WIDTHS": [784, 16, 10, 10]},
-    "FashionMNIST": {"WIDTHS": [784, 16, 10, 10]},
-    "CIFAR10": {"WIDTHS": [3072, 16, 10, 10]},
-}
-_QUICK = {"EPOCHS": 3, "SEEDS": [0, 1], "TELE_BATCHES": 2, "TELE_BATCH_SIZE": 40, "TELE_STEPS": 3,
-          "REPORT_EPOCHS": [1, 3], "TUNE_LRS": [1e-2, 1e-1], "TUNE_EPOCHS": 3, "FIG_DPI": 50}
-_EXPERIMENT = "rescaling"
-_ACTIONS = {"gl46": lambda group: GLAction(46, group),                  # eq. (46), all pairs
+EXPERIMENT = "rescaling"
+ACTIONS = {"gl46": lambda group: GLAction(46, group),                  # eq. (46), all pairs
            "gl46-last": lambda group: GLAction(46, group, pairs=[-1]),  # eq. (46), (W_L, W_{L-1})
            "rescale": lambda group: RescaleAction()}                   # every hidden layer
-_ARM_NAMES = ("none", "reset-only", *_ACTIONS)
-_OBJECTIVES = ("log_grad_norm", "grad_norm")
-_FLOOR = 1e-10                  # drift plotted at this floor where it is exactly 0 (log scale)
+TELE_LR_SETTING = {"gl46": "TELE_LR_GL46", "gl46-last": "TELE_LR_GL46_LAST", "rescale": "TELE_LR_RESCALE"}
+ARM_NAMES = ("none", "reset-only", *ACTIONS)
+OBJECTIVES = ("log_grad_norm", "grad_norm")
+FLOOR = 1e-10                   # drift plotted at this floor where it is exactly 0 (log scale)
 
 
-def validate(cfg):
-    check_dataset(cfg["DATASET"])
+def check_protocol(cfg):
+    """Checks of the settings this script shares with tune_rescaling_step_sizes.py."""
     for name in cfg["ACTIVATIONS"]:
-        check_choice("activation", name, _ACTIVATION_CHOICES)
+        check_choice("activation", name, ACTIVATION_CHOICES)
     for name in cfg["OPTIMIZERS"]:
-        check_choice("optimizer", name, _OPTIMIZER_CHOICES)
-    for name in cfg["ARMS"]:
-        check_choice("arm", name, _ARM_NAMES)
-    check_choice("optimizer-state strategy", cfg["OPT_STATE"], _STRATEGIES)
-    check_choice("objective", cfg["OBJECTIVE"], _OBJECTIVES)
+        check_choice("optimizer", name, OPTIMIZER_CHOICES)
+    check_choice("objective", cfg["OBJECTIVE"], OBJECTIVES)
     group_element(torch.zeros(1, 1, 1), cfg["GL_GROUP"])
     check_positive("learning rate", cfg["LR"])
-    for name in ("EPOCHS", "BATCH_SIZE", "TELE_BATCH_SIZE", "TRAIN_SIZE", "TUNE_EPOCHS"):
+    for name in ("BATCH_SIZE", "TELE_BATCH_SIZE", "TRAIN_SIZE"):
         check_positive(name.lower(), cfg[name], allow_zero=False)
-    for name in ("TELE_BATCHES", "TELE_STEPS"):
+    for name in ("TELE_BATCHES", "TELE_STEPS", "REJECT_DRIFT"):
         check_positive(name.lower(), cfg[name])
-    cfg["TELE_LR"] = {**TELE_LR, **cfg["TELE_LR"]}  # an override may name only some actions
-    check_positive("reject_drift", cfg["REJECT_DRIFT"])
-    for arm in cfg["ARMS"]:
-        if arm in _ACTIONS and arm not in cfg["TELE_LR"]:
-            raise UsageError(f"TELE_LR has no step size for arm {arm!r}")
-    for arm, lr in cfg["TELE_LR"].items():
-        check_choice("TELE_LR action", arm, _ACTIONS)
-        check_positive(f"teleport step size of {arm}", lr)
-    for lr in cfg["TUNE_LRS"]:
-        check_positive("tune step size", lr)
     if not cfg["SEEDS"]:
         raise UsageError("SEEDS is empty")
-    widths = cfg["WIDTHS"] or DATASET_DEFAULTS[cfg["DATASET"]]["WIDTHS"]
+    widths = cfg["WIDTHS"]
     if len(widths) < 3 or any(int(w) != w or w < 1 for w in widths):
         raise UsageError(f"WIDTHS must list >= 3 positive integers (at least one hidden layer), got {widths}")
     if not all(c.isalnum() or c in "-." for c in cfg["TAG"]):
         raise UsageError(f"TAG may hold letters, digits, '-' and '.', got {cfg['TAG']!r}")
-    return list(widths)
+    check_strategy(cfg["OPT_STATE"])
 
 
-def tag_of(cfg, widths):
-    default = DATASET_DEFAULTS[cfg["DATASET"]]["WIDTHS"]
-    tag = cfg["DATASET"] if widths == default else f"{cfg['DATASET']}_w{'-'.join(map(str, widths[1:-1]))}"
+def validate(cfg):
+    check_protocol(cfg)
+    for name in cfg["ARMS"]:
+        check_choice("arm", name, ARM_NAMES)
+    check_positive("epochs", cfg["EPOCHS"], allow_zero=False)
+    for setting in TELE_LR_SETTING.values():
+        check_positive(setting.lower(), cfg[setting])
+
+
+def tag_of(cfg):
+    """Output name: the dataset, plus the widths when not the dataset's preset, plus TAG."""
+    widths = cfg["WIDTHS"]
+    tag = cfg["DATASET"] if widths == PRESETS["DATASET"][cfg["DATASET"]]["WIDTHS"] else \
+        f"{cfg['DATASET']}_w{'-'.join(map(str, widths[1:-1]))}"
     return f"{tag}_{cfg['TAG']}" if cfg["TAG"] else tag
 
 
-class DriftHook:
-    """Wraps a TeleportHook: evaluates the whole test set just before and after each teleport and
-    adds test_loss_before / test_loss_after (per model) to the teleport's record.
-
-    Guard: a teleport that leaves a model's weights or ||grad L||^2 non-finite, or changes the loss on
-    its own teleport batch by more than `reject_drift` (relative), is undone for that model, and
-    `failed` (per model) says so; a teleport whose pseudo-inverse raises is undone for all models.
-    (The pseudo-inverse of eq. (46) and its derivative blow up where sigma(g V h) is near
-    rank-deficient, e.g. with dead ReLU units; a too large rescaling step overflows exp(a).)
-    The optimizer-state strategy still runs, as it would after a teleport."""
-
-    def __init__(self, hook, data, act, reject_drift=float("inf"), log_objective=False):
-        self.hook, self.data, self.act, self.reject_drift = hook, data, act, reject_drift
-        self.log_objective = log_objective
-
-    def __call__(self, epoch, i):
-        h = self.hook
-        if epoch not in h.epochs or i >= h.n_batches:
-            return
-        before = evaluate(h.W, self.data.x_test, self.data.y_test, self.act)[0]
-        backup = [w.detach().clone() for w in h.W]
-        try:
-            h(epoch, i)
-            rec = h.records[-1]
-        except torch.linalg.LinAlgError as e:
-            rec = {"epoch": epoch, "batch": i, "error": str(e).splitlines()[0]}
-            h.records.append(rec)
-            with torch.no_grad():
-                for w, b in zip(h.W, backup):
-                    w.copy_(b)
-            from lib.optim import apply_strategy
-            apply_strategy(h.opt, h.W, h.strategy)
-        bad = ~torch.stack([w.detach().flatten(1).isfinite().all(1) for w in h.W]).all(0)
-        if "objective_after" in rec:
-            lb, la = torch.tensor(rec["loss_before"]), torch.tensor(rec["loss_after"])
-            ok = torch.tensor(rec["objective_after"]).isfinite() & ((la - lb).abs() <= self.reject_drift * lb)
-            bad |= ~ok.to(bad.device)
-        else:
-            bad[:] = True
-        with torch.no_grad():
-            for w, b in zip(h.W, backup):
-                w[bad] = b[bad]
-        after = evaluate(h.W, self.data.x_test, self.data.y_test, self.act)[0]
-        for k in ("before", "after"):
-            if f"objective_{k}" in rec:
-                v = torch.tensor(rec[f"objective_{k}"], dtype=torch.float64)
-                rec[f"grad_norm_{k}"] = (v.exp() if self.log_objective else v).tolist()
-        rec.update(test_loss_before=before.tolist(), test_loss_after=after.tolist(), failed=bad.tolist())
+def load_data(cfg):
+    data = load(cfg["DATASET"], cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
+    if data.x_train.shape[1] != cfg["WIDTHS"][0]:
+        raise UsageError(f"WIDTHS[0] = {cfg['WIDTHS'][0]} but {cfg['DATASET']} images have {data.x_train.shape[1]} values")
+    return data
 
 
-def run_arm(cfg, arm, data, widths, act, optimizer, epochs, tele_lr, desc=""):
-    """Train len(SEEDS) models of one arm as one batched model. Returns (history, teleport records)."""
-    W, opt = make_model(widths, cfg["SEEDS"], optimizer, cfg["LR"], cfg["DEVICE"])
-    hook = None
-    if arm == "reset-only":
-        hook = TeleportHook(W, opt, data, act, cfg["TELE_EPOCHS"], cfg["TELE_BATCHES"], cfg["TELE_BATCH_SIZE"],
-                            torch.Generator().manual_seed(cfg["TELE_SEED"]), strategy=cfg["OPT_STATE"],
-                            mode="reset-only")
-        return fit(W, opt, data, act, epochs, cfg["BATCH_SIZE"], hook=hook, desc=desc, progress=cfg["PROGRESS"]), []
-    if arm in _ACTIONS:
-        tele = TeleportHook(W, opt, data, act, cfg["TELE_EPOCHS"], cfg["TELE_BATCHES"], cfg["TELE_BATCH_SIZE"],
-                            torch.Generator().manual_seed(cfg["TELE_SEED"]), strategy=cfg["OPT_STATE"],
-                            objective=make_objective(cfg["OBJECTIVE"], act), action=_ACTIONS[arm](cfg["GL_GROUP"]),
-                            steps=cfg["TELE_STEPS"], lr=tele_lr)
-        hook = DriftHook(tele, data, act, cfg["REJECT_DRIFT"], cfg["OBJECTIVE"] == "log_grad_norm")
+def saved_config(cfg):  # paths relative to the repository
+    return {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
+
+
+def make_arm(cfg, name, act, tele_lr=None):
+    """The arm `name`: the baseline, the reset-only control, or a teleport by the action `name` at
+    step size tele_lr (None: its TELE_LR_* setting), guarded by REJECT_DRIFT (lib.arms.Arm)."""
+    if name == "none":
+        return Arm("none")
+    if name == "reset-only":
+        return Arm("reset-only", "none", cfg["OPT_STATE"])
+    lr = cfg[TELE_LR_SETTING[name]] if tele_lr is None else tele_lr
+    return Arm(name, "teleport", cfg["OPT_STATE"], guard=cfg["REJECT_DRIFT"],
+               teleport=dict(objective=make_objective(cfg["OBJECTIVE"], act), action=ACTIONS[name](cfg["GL_GROUP"]),
+                             steps=cfg["TELE_STEPS"], lr=lr))
+
+
+def with_grad_norms(rec, objective):
+    """rec plus grad_norm_before/after: ||grad L||^2 on the teleport batch per model (the exp of the
+    objective for log_grad_norm, in float64)."""
+    for k in ("before", "after"):
+        if f"objective_{k}" in rec:
+            v = torch.tensor(rec[f"objective_{k}"], dtype=torch.float64)
+            rec[f"grad_norm_{k}"] = (v.exp() if objective == "log_grad_norm" else v).tolist()
+    return rec
+
+
+def run_arm(cfg, name, data, act_name, optimizer, epochs, tele_lr=None, desc=""):
+    """Train len(SEEDS) models of one arm as one batched model. Returns (history, teleport records:
+    one per teleport moment with test_loss_before/after and `failed` per model; [] for the arms
+    that do not teleport)."""
+    act = activation(act_name)
+    arm = make_arm(cfg, name, act, tele_lr)
+    W, opt = make_model(cfg["WIDTHS"], cfg["SEEDS"], optimizer, cfg["LR"], cfg["DEVICE"])
+    moments = Moments(tuple(cfg["TELE_EPOCHS"]), cfg["TELE_BATCHES"], cfg["TELE_BATCH_SIZE"], cfg["TELE_SEED"])
+    hook = ArmHook(W, opt, data, act, [arm], moments, test_drift=arm.move == "teleport")
     hist = fit(W, opt, data, act, epochs, cfg["BATCH_SIZE"], hook=hook, desc=desc, progress=cfg["PROGRESS"])
-    return hist, ([] if hook is None else hook.hook.records)
+    if arm.move != "teleport":
+        return hist, []
+    return hist, [with_grad_norms(r, cfg["OBJECTIVE"]) for r in hook.records[name]]
 
 
 def per_teleport(recs, key):
     """A recorded quantity for every teleport and model, (n_teleports, K); nan where it failed."""
     K = len(next(r["failed"] for r in recs))
-    out = np.array([r.get(key, [np.nan] * K) for r in recs], dtype=float)
+    out = np.array([[np.nan if v is None else v for v in r.get(key, [np.nan] * K)] for r in recs], dtype=float)
     out[np.array([r["failed"] for r in recs], dtype=bool)] = np.nan
     return out
 
@@ -246,7 +218,7 @@ def gain(recs):
         return per_teleport(recs, "grad_norm_after") / per_teleport(recs, "grad_norm_before")
 
 
-def _nanstat(f, x):
+def nanstat(f, x):
     x = np.asarray(x, dtype=float)
     return float(f(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
 
@@ -263,18 +235,23 @@ def summarize(hist, recs, report_epochs):
     s.update(grad_gain_median=nan, grad_gain_mean=nan, drift_batch_median=nan, drift_heldout_median=nan,
              drift_test_median=nan, drift_test_max=nan, failed_fraction=nan, teleport_time_s=nan)
     if recs:
-        s.update(grad_gain_median=_nanstat(np.median, gain(recs)), grad_gain_mean=_nanstat(np.mean, gain(recs)),
-                 drift_batch_median=_nanstat(np.median, rel_drift(recs, "loss")),
-                 drift_heldout_median=_nanstat(np.median, rel_drift(recs, "heldout_loss")),
-                 drift_test_median=_nanstat(np.median, rel_drift(recs, "test_loss")),
-                 drift_test_max=_nanstat(np.max, rel_drift(recs, "test_loss")),
+        s.update(grad_gain_median=nanstat(np.median, gain(recs)), grad_gain_mean=nanstat(np.mean, gain(recs)),
+                 drift_batch_median=nanstat(np.median, rel_drift(recs, "loss")),
+                 drift_heldout_median=nanstat(np.median, rel_drift(recs, "heldout_loss")),
+                 drift_test_median=nanstat(np.median, rel_drift(recs, "test_loss")),
+                 drift_test_max=nanstat(np.max, rel_drift(recs, "test_loss")),
                  failed_fraction=float(np.mean([r["failed"] for r in recs])),
-                 teleport_time_s=_nanstat(np.mean, [r.get("time_s", nan) for r in recs]))
+                 teleport_time_s=nanstat(np.mean, [r.get("time_s", nan) for r in recs]))
     return s
 
 
 def color(arm):
-    return _COLORS["baseline" if arm == "none" else arm]
+    return COLORS["baseline" if arm == "none" else arm]
+
+
+def title(res):
+    """A figure's subject: the output tag and the data's label (results saved without a label: the tag)."""
+    return f"{res['tag']} on {res['label']}" if "label" in res else res["tag"]
 
 
 def plot_loss(res, path, dpi):
@@ -291,8 +268,8 @@ def plot_loss(res, path, dpi):
             ax.axvline(e, color="0.8", linestyle=":", linewidth=1)
         ax.set(xlabel="epoch", ylabel=name, yscale="log")
         ax.legend()
-    fig.suptitle(f"{res['tag']}, {res['activation']}, {res['optimizer']} (mean ± std over {len(res['config']['SEEDS'])} seeds; "
-                 f"dotted: teleport epochs; SGD has no state, so reset-only = none)", fontsize=9)
+    fig.suptitle(f"{title(res)}, {res['activation']}, {res['optimizer']} (mean ± std over {len(res['config']['SEEDS'])} "
+                 f"seeds; dotted: teleport epochs; SGD has no state, so reset-only = none)", fontsize=9)
     save_figure(fig, path, dpi)
 
 
@@ -307,21 +284,17 @@ def plot_drift(res, path, dpi):
             continue
         x = np.arange(1, len(recs) + 1)
         for ax, (key, _) in zip(axes, panels):
-            y = gain(recs) if key == "objective" else np.maximum(rel_drift(recs, key), _FLOOR)
+            y = gain(recs) if key == "objective" else np.maximum(rel_drift(recs, key), FLOOR)
             ax.plot(np.repeat(x, y.shape[1]), y.ravel(), ".", color=color(arm), alpha=0.35, markersize=4)
-            ax.plot(x, [_nanstat(np.median, row) for row in y], "-", color=color(arm), label=arm)
+            ax.plot(x, [nanstat(np.median, row) for row in y], "-", color=color(arm), label=arm)
     for ax, (key, name) in zip(axes, panels):
         ax.set(xlabel="teleport (epochs " + ", ".join(map(str, res["config"]["TELE_EPOCHS"])) + ")",
                ylabel=name, yscale="log")
-        ax.legend()
-    fig.suptitle(f"{res['tag']}, {res['activation']}, {res['optimizer']}: per teleport, dots = seeds, "
-                 f"line = median; exact 0 drawn at {_FLOOR:g}", fontsize=9)
+        if ax.lines:  # some arm teleported
+            ax.legend()
+    fig.suptitle(f"{title(res)}, {res['activation']}, {res['optimizer']}: per teleport, dots = seeds, "
+                 f"line = median; exact 0 drawn at {FLOOR:g}", fontsize=9)
     save_figure(fig, path, dpi)
-
-
-def _num(x):
-    """A saved number back from JSON (nan is saved as null)."""
-    return float("nan") if x is None else x
 
 
 def table(cfg, all_res):
@@ -333,7 +306,7 @@ def table(cfg, all_res):
     rows = []
     for res in all_res:
         for arm, r in res["arms"].items():
-            s = {k: _num(v) for k, v in r["summary"].items()}
+            s = {k: float("nan") if v is None else v for k, v in r["summary"].items()}  # nan saved as null
             rows.append([res["activation"], res["optimizer"], arm] + [s[f"train_{e}"] for e in eps]
                         + [s[f"test_{e}"] for e in eps]
                         + [s["test_acc_final"], s["grad_gain_median"], s["drift_batch_median"],
@@ -342,81 +315,37 @@ def table(cfg, all_res):
     return header, rows
 
 
-def write_text(path, text):
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
-        fh.write(text)
-
-
-def tune(cfg, data, widths, res_dir, tag):
-    """The step-size sweep: every action x step size x activation x optimizer, TUNE_EPOCHS epochs.
-    Picks per action the step size with the lowest training loss of the sweep's last epoch, averaged
-    over the activation/optimizer pairs, among those with at most TUNE_MAX_UNDONE of the teleports
-    undone by the guard (none such: the fewest undone)."""
-    from itertools import product
-    rows, best, scores = [], {}, {}
-    for arm in [a for a in cfg["ARMS"] if a in _ACTIONS]:
-        scores[arm] = {}
-        for lr in cfg["TUNE_LRS"]:
-            losses, failed = [], []
-            for act_name, optimizer in product(cfg["ACTIVATIONS"], cfg["OPTIMIZERS"]):
-                hist, recs = run_arm(cfg, arm, data, widths, activation(act_name), optimizer, cfg["TUNE_EPOCHS"],
-                                     lr, desc=f"tune {arm} {lr:g} {act_name} {optimizer}")
-                s = summarize(hist, recs, [cfg["TUNE_EPOCHS"]])
-                loss = s[f"train_{cfg['TUNE_EPOCHS']}"]
-                losses.append(loss if math.isfinite(loss) else float("inf"))
-                failed.append(s["failed_fraction"])
-                row = {"arm": arm, "tele_lr": lr, "activation": act_name, "optimizer": optimizer,
-                       "train_loss_last": loss, "grad_gain_median": s["grad_gain_median"],
-                       "drift_test_median": s["drift_test_median"], "undone": s["failed_fraction"]}
-                rows.append(row)
-                print(format_row(row), flush=True)
-            scores[arm][lr] = (float(np.mean(failed)), float(np.mean(losses)))
-        stable = [lr for lr, (undone, _) in scores[arm].items() if undone <= cfg["TUNE_MAX_UNDONE"]]
-        best[arm] = (min(stable, key=lambda lr: scores[arm][lr][1]) if stable
-                     else min(scores[arm], key=scores[arm].get))
-        print(f"{arm}: best teleport step size {best[arm]:g} (undone, mean train loss: {scores[arm][best[arm]]})",
-              flush=True)
-    save_json(os.path.join(res_dir, f"{tag}_stepsize_sweep_{'_'.join(scores)}.json"),
-              {"config": cfg, "environment": environment(), "rows": rows, "best": best,
-               "scores": {a: [[lr, *v] for lr, v in sc.items()] for a, sc in scores.items()}})
-    return best
+def train_pair(cfg, data, act_name, optimizer, tag):
+    """Every arm for one activation and optimizer: the results dict saved per pair."""
+    res = {"config": saved_config(cfg), "environment": environment(), "data": data.info, "label": data.label,
+           "tag": tag, "widths": cfg["WIDTHS"], "activation": act_name, "optimizer": optimizer,
+           "n_train": len(data.y_train), "n_test": len(data.y_test), "arms": {}}
+    eps = [e for e in cfg["REPORT_EPOCHS"] if e <= cfg["EPOCHS"]]
+    for arm in cfg["ARMS"]:
+        hist, recs = run_arm(cfg, arm, data, act_name, optimizer, cfg["EPOCHS"], desc=f"{act_name} {optimizer} {arm}")
+        s = summarize(hist, recs, eps)
+        res["arms"][arm] = {"history": hist, "teleports": recs, "summary": s}
+        print(format_row({"act": act_name, "opt": optimizer, "arm": arm,
+                          "train": float(np.mean(hist["train_loss"][-1])), "test": float(np.mean(hist["test_loss"][-1])),
+                          "gain": s["grad_gain_median"], "drift_test": s["drift_test_median"],
+                          "tele_s": s["teleport_time_s"], "train_s": s["train_time_s"]}), flush=True)
+    return res
 
 
 def main(cfg):
-    widths = validate(cfg)
-    fig_dir, res_dir = experiment_dirs(_EXPERIMENT, cfg["OUT_DIR"])
-    tag = tag_of(cfg, widths)
+    validate(cfg)
+    fig_dir, res_dir = experiment_dirs(EXPERIMENT, cfg["OUT_DIR"])
+    tag = tag_of(cfg)
+    pairs = [(a, o) for a in cfg["ACTIVATIONS"] for o in cfg["OPTIMIZERS"]]
     if cfg["PLOT_ONLY"]:
-        all_res = [load_json(os.path.join(res_dir, f"{tag}_{a}_{o}.json"))
-                   for a in cfg["ACTIVATIONS"] for o in cfg["OPTIMIZERS"]
-                   if os.path.exists(os.path.join(res_dir, f"{tag}_{a}_{o}.json"))]
-        if not all_res:
-            raise UsageError(f"no saved results for {tag} under {res_dir}")
+        all_res = [load_results(os.path.join(res_dir, f"{tag}_{a}_{o}.json")) for a, o in pairs]
     else:
-        data = load(cfg["DATASET"], cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
-        if data.x_train.shape[1] != widths[0]:
-            raise UsageError(f"WIDTHS[0] = {widths[0]} but {cfg['DATASET']} images have {data.x_train.shape[1]} values")
-        if cfg["TUNE"]:
-            return tune(cfg, data, widths, res_dir, tag)
+        data = load_data(cfg)
         all_res = []
-        for act_name in cfg["ACTIVATIONS"]:
-            for optimizer in cfg["OPTIMIZERS"]:
-                res = {"config": cfg, "environment": environment(), "tag": tag, "widths": widths,
-                       "activation": act_name, "optimizer": optimizer, "n_train": int(data.x_train.shape[0]),
-                       "n_test": int(data.x_test.shape[0]), "arms": {}}
-                for arm in cfg["ARMS"]:
-                    hist, recs = run_arm(cfg, arm, data, widths, activation(act_name), optimizer, cfg["EPOCHS"],
-                                         cfg["TELE_LR"].get(arm, 0.0), desc=f"{act_name} {optimizer} {arm}")
-                    s = summarize(hist, recs, [e for e in cfg["REPORT_EPOCHS"] if e <= cfg["EPOCHS"]])
-                    res["arms"][arm] = {"history": hist, "teleports": recs, "summary": s}
-                    print(format_row({"act": act_name, "opt": optimizer, "arm": arm,
-                                      "train": s[f"train_{cfg['EPOCHS']}"] if cfg["EPOCHS"] in cfg["REPORT_EPOCHS"]
-                                      else float(np.mean(hist["train_loss"][-1])),
-                                      "test": float(np.mean(hist["test_loss"][-1])),
-                                      "gain": s["grad_gain_median"], "drift_test": s["drift_test_median"],
-                                      "tele_s": s["teleport_time_s"], "train_s": s["train_time_s"]}))
-                save_json(os.path.join(res_dir, f"{tag}_{act_name}_{optimizer}.json"), res)
-                all_res.append(res)
+        for act_name, optimizer in pairs:
+            res = train_pair(cfg, data, act_name, optimizer, tag)
+            save_json(os.path.join(res_dir, f"{tag}_{act_name}_{optimizer}.json"), res)
+            all_res.append(res)
     for res in all_res:
         base = os.path.join(fig_dir, f"{tag}_{res['activation']}_{res['optimizer']}")
         plot_loss(res, base + "_loss.png", cfg["FIG_DPI"])
@@ -425,10 +354,10 @@ def main(cfg):
     md = markdown_table(header, rows)
     print(md)
     save_json(os.path.join(res_dir, f"{tag}_table.json"),
-              {"config": cfg, "environment": environment(), "header": header, "rows": rows})
-    write_text(os.path.join(res_dir, f"{tag}_table.md"), md + "\n")
+              {"config": saved_config(cfg), "environment": environment(), "header": header, "rows": rows})
+    save_text(os.path.join(res_dir, f"{tag}_table.md"), md + "\n")
     return all_res
 
 
 if __name__ == "__main__":
-    run(main, globals(), _QUICK)
+    run(main, globals())
