@@ -1,32 +1,35 @@
 """Figures 5 and 13 (Section 5.1, App. F.2): teleportation speeds up AdaGrad, SGD with momentum,
-RMSProp and Adam; with --controls, control arms that split the gain into its causes.
+RMSProp and Adam; control arms split the gain into its causes.
 
-    python teleport_optimization.py                 # Figure 5/13 on MNIST, 4 optimizers, 2 arms
-    python teleport_optimization.py --controls      # + reset-only, random-teleport, teleport-keep/-transport
-    python teleport_optimization.py --optimizers-run="['adam']" --lr=3e-4   # one optimizer, another lr
+    python teleport_optimization.py                 # Figure 5/13 on MNIST, 4 optimizers x 6 arms
+    python teleport_optimization.py --controls=False --out-dir=runs/two-arms   # baseline and teleport only
+    python teleport_optimization.py --optimizers-run=adam --lr=3e-4 --out-dir=runs/adam   # another lr
     python teleport_optimization.py --quick         # a smoke run, under a minute
 
 Protocol (the paper's, with the authors' released hyperparameters where the paper is silent):
 784-16-10-10 MLP without biases, LeakyReLU(0.1), cross-entropy, mini-batches of 20 in a fixed
 sequential order, 5 runs initialised with seeds (r+1)*54321, 40 epochs. Teleport arm: before
 each of the first 8 mini-batches of epoch 0 (momentum, RMSProp, Adam) or epoch 2 (AdaGrad,
-SGD; 0-based, i.e. the 3rd epoch), 10 gradient-ascent steps on g = I + T with the action of
-eq. (46) on every layer pair, maximising ||grad L||^2 on a fresh random batch of 200 training
-images, stopping once ||grad L||^2 > 100; the optimizer state is then reset, as the authors do.
-Learning rate, teleport epoch and teleport step size are the authors' per-optimizer values
-(PRESETS); a value given (--lr=..., --tele-epoch=..., --tele-lr=...) applies to every optimizer run.
+SGD; 0-based), 10 gradient-ascent steps on g = I + T with the action of eq. (46) on every layer
+pair, maximising ||grad L||^2 on a fresh random batch of 200 training images, stopping once
+||grad L||^2 > 100; the optimizer state is then reset, as the authors do. Learning rate,
+teleport epoch and teleport step size are the authors' per-optimizer values (PRESETS); a value
+given (--lr=..., --tele-epoch=..., --tele-lr=...) applies to every optimizer run. Controls
+(declare_arms): reset-only, random-teleport, teleport-keep, teleport-transport. Each arm is one
+batched model of the 5 seeds, run one after another (Adam's step count is per weight tensor, so
+arms sharing a model could not reset their state alone), all teleporting on the same images.
 
-Arms (lib.arms.Arm, see declare_arms) run one after another, each as one batched model of the
-5 seeds (weights (5, out, in), one torch.optim optimizer): Adam keeps one step count per weight
-tensor, so arms sharing a batched model could not reset their state alone. All arms teleport on
-the same random images (lib.arms.ArmHook's batch generator is seeded with TELE_SEED for each).
+The defaults are the protocol of the committed results; results made with other settings or
+other data are not replaced without --replace (--out-dir=DIR writes elsewhere). Each (optimizer,
+arm) is a unit of progress (lib.progress): an interrupted run, started again with the same
+command, resumes. A model whose loss turns non-finite or absurd (> 1e6) is recorded as diverged,
+with the epoch, and left out of the means with a count; a teleport whose linear algebra fails
+leaves the weights as they were and is recorded.
 
-CPU runtime on the real 4,000-image MNIST subset (--data-dir=../shared/data/mnist5k), one thread
-of a quiet 2-core machine: 70 s with --controls (4 optimizers x 6 arms x 5 seeds x 40 epochs),
-including the one-off torch.compile of the training step (COMPILE; compiled training is 1.6x
-faster per seed-epoch than the eager engine, benchmarks/bench_training.py); --quick: 15 s. The
-full 50,000-image protocol has 12.5x as many batches per epoch: about 5 min for the two default
-arms, 15 min with --controls (estimated, not measured: the full set is not on this machine).
+CPU runtime on the bundled 4,000-image MNIST subset, one thread of a quiet 2-core machine: 70 s,
+including the one-off torch.compile of the training step (COMPILE; 1.6x faster per seed-epoch
+than the eager engine, benchmarks/bench_training.py); --quick: 15 s. The full 50,000-image set
+has 12.5x as many batches per epoch: about 15 min (estimated, not measured).
 
 Headline (mnist5k, 5 seeds): the teleport arm's training loss is below the baseline's at every
 epoch 1-5 for momentum, RMSProp and Adam, and from epoch 3 (after its teleport) for AdaGrad. The
@@ -35,16 +38,17 @@ reaches 106% of it, teleport with the state kept 0%); for momentum and Adam it c
 optimised move (reset-only and a random move of the same size: about 0%); RMSProp is in between
 (reset-only 14%, random move 15%). Per wall time (Figure 13) the 8 teleports cost 0.6-0.7 s,
 about 10 compiled epochs of this small subset, and the teleport arm stays behind the baseline.
-Tables: results/optimization/MNIST_summary.md.
 
 Outputs: under OUT_DIR, results/optimization/<DATASET>_<optimizer>.json per optimizer (its
 resolved config, the environment, the data, and per arm the train/test loss and accuracy per
-epoch and run, wall time and teleport records), results/optimization/<DATASET>_summary.json and
-.md (loss tables, the controls' shares of the teleport gain), and
-figures/optimization/<DATASET>_<optimizer>_loss_vs_epoch.png (Figure 5) and _loss_vs_time.png
-(Figure 13): train and test loss side by side, every arm.
+epoch and run, wall time, teleport records, the epoch each diverged run diverged at),
+results/optimization/<DATASET>_summary.json and .md (loss tables, the controls' shares of the
+teleport gain, divergence counts), figures/optimization/<DATASET>_<optimizer>_loss_vs_epoch.png
+(Figure 5) and _loss_vs_time.png (Figure 13): train and test loss side by side, every arm. The
+set replaces the previous one only when the run completes; progress is kept in OUT_DIR/.progress/.
 """
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -53,19 +57,21 @@ from lib.actions import GLAction
 from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run, with_preset
 from lib.data import load
-from lib.io import environment, experiment_dirs, load_results, relative, save_json, save_text
+from lib.io import (check_replace, environment, experiment_dirs, load_json, load_results, relative, save_json,
+                    save_text, staged)
 from lib.models import Activation
 from lib.plots import COLORS, plot_mean_std, save_figure
-from lib.report import format_row, markdown_table
+from lib.progress import Checkpoint
+from lib.report import diverged, finite_stats, format_row, markdown_table
 from lib.teleport import make_objective
-from lib.train import fit, make_model
+from lib.train import make_model
 
 # ---- config (override any with --NAME=value) ------------------------------------------------
 DATASET = "MNIST"               # MNIST, FashionMNIST or CIFAR10
 OPTIMIZERS_RUN = ["adagrad", "momentum", "rmsprop", "adam"]  # which optimizers, in order (also: sgd)
 ARMS = ["baseline", "teleport"]  # arms to run: baseline, teleport, reset-only, random-teleport,
                                  # teleport-keep, teleport-transport
-CONTROLS = False                # True: add reset-only, random-teleport, teleport-keep, teleport-transport
+CONTROLS = True                 # True: add reset-only, random-teleport, teleport-keep, teleport-transport
 EPOCHS = 40                     # training epochs
 N_RUNS = 5                      # runs r = 0..N_RUNS-1, initialised with seed (r+1)*SEED_BASE
 SEED_BASE = 54321               # the authors' initialisation seed unit
@@ -82,12 +88,14 @@ STOP_ABOVE = 100.0              # stop a model's teleport once ||grad L||^2 exce
 TELE_SEED = 0                   # seed of the teleport batches (identical for every arm)
 REPORT_EPOCHS = [1, 2, 5, 10, 40]   # 1-based epochs of the summary table
 CONTROL_EPOCHS = [2, 5, 10, 40]     # 1-based epochs of the controls table
-PLOT_ONLY = False               # redraw figures and tables from saved results
-DATA_DIR = "data"               # datasets in torchvision's layout (--data-dir)
+PLOT_ONLY = False               # redraw the figures from saved results (the tables are printed, not rewritten)
+DATA_DIR = "data"               # datasets in torchvision's layout (--data-dir); MNIST falls back to the bundled subset
 DEVICE = "cpu"                  # cpu, cuda or auto
 OUT_DIR = "."                   # figures/ and results/ go under this folder
 PROGRESS = True                 # tqdm bars
 COMPILE = True                  # torch.compile the training step (1.6x faster per seed-epoch; ~20 s to compile)
+CHECKPOINT_S = 30.0             # save progress after at most this many seconds of work (0: every epoch)
+REPLACE = False                 # True: replace saved results made with other settings or data
 # ---------------------------------------------------------------------------------------------
 
 # the authors' released settings: base lr, teleport epoch (0-based), teleport step size
@@ -105,6 +113,8 @@ ARM_NAMES = ["baseline", "teleport", *CONTROL_ARMS]
 STYLES = {"reset-only": ("--", "o"), "random-teleport": ("-.", "s"),  # the controls' line style and marker
           "teleport-keep": (":", "^"), "teleport-transport": ((0, (6, 2, 1, 2, 1, 2)), "v")}
 ACT = Activation(0.1)  # LeakyReLU(0.1), the paper's
+GUARD = float("inf")  # lib.arms guard: undo only moves that fail (LinAlgError, non-finite), whatever the loss change
+LEGACY = ("FIGURE", "DATASETS", "OPTIMIZER_SETTINGS")  # names in configs saved by the older combined script
 
 
 def declare_arms(ocfg):
@@ -115,11 +125,11 @@ def declare_arms(ocfg):
     tele = dict(objective=make_objective("grad_norm", ACT), action=GLAction(46), steps=ocfg["TELE_STEPS"],
                 lr=ocfg["TELE_LR"], stop_above=ocfg["STOP_ABOVE"])
     return {"baseline": Arm("baseline"),
-            "teleport": Arm("teleport", "teleport", "reset", teleport=tele),
+            "teleport": Arm("teleport", "teleport", "reset", teleport=tele, guard=GUARD),
             "reset-only": Arm("reset-only", "none", "reset"),
-            "random-teleport": Arm("random-teleport", "random", "reset", match="teleport", teleport=tele),
-            "teleport-keep": Arm("teleport-keep", "teleport", "keep", teleport=tele),
-            "teleport-transport": Arm("teleport-transport", "teleport", "transport", teleport=tele)}
+            "random-teleport": Arm("random-teleport", "random", "reset", match="teleport", teleport=tele, guard=GUARD),
+            "teleport-keep": Arm("teleport-keep", "teleport", "keep", teleport=tele, guard=GUARD),
+            "teleport-transport": Arm("teleport-transport", "teleport", "transport", teleport=tele, guard=GUARD)}
 
 
 def arms_of(cfg):
@@ -128,7 +138,8 @@ def arms_of(cfg):
     for a in arms:
         check_choice("arm", a, ARM_NAMES)
     if "random-teleport" in arms and "teleport" not in arms:
-        raise UsageError("arm 'random-teleport' needs the 'teleport' arm (it reuses its norms)")
+        raise UsageError("arm 'random-teleport' needs the 'teleport' arm (it reuses its norms)"
+                         + ("; --controls=False runs the ARMS alone" if cfg["CONTROLS"] else ""))
     return sorted(arms, key=lambda a: a == "random-teleport")
 
 
@@ -136,7 +147,7 @@ def check(cfg):
     check_choice("dataset", cfg["DATASET"], WIDTHS)
     for k in ("EPOCHS", "N_RUNS", "BATCH_SIZE", "TRAIN_SIZE", "TELE_BATCH_SIZE"):
         check_positive(k.lower(), cfg[k], allow_zero=False)
-    for k in ("TELE_BATCHES", "TELE_STEPS"):
+    for k in ("TELE_BATCHES", "TELE_STEPS", "CHECKPOINT_S"):
         check_positive(k.lower(), cfg[k])
     for opt in cfg["OPTIMIZERS_RUN"]:
         ocfg = with_preset(cfg, PRESETS, "OPTIMIZER", opt)  # an unknown optimizer is a UsageError
@@ -149,113 +160,195 @@ def check(cfg):
     return arms_of(cfg)
 
 
-def run_arm(ocfg, data, optimizer, arm, matched=None):
+def run_arm(ocfg, data, optimizer, arm, ckpt, matched=None):
     """Train the N_RUNS seeds of one arm as one batched model, the arm carried out by an ArmHook
-    at the teleport moments. Returns fit's curves (lists over epochs of N_RUNS values) plus the
-    seeds and the arm's records ('teleports')."""
+    at the teleport moments: one unit of the run's progress (a finished unit is not run again,
+    an interrupted one resumes). Returns fit's curves (lists over epochs of N_RUNS values) plus
+    the seeds and the arm's records ('teleports')."""
+    unit = f"{optimizer} {arm.name}"
+    if ckpt.unit(unit) is not None:
+        return ckpt.unit(unit)
     seeds = [(r + 1) * ocfg["SEED_BASE"] for r in range(ocfg["N_RUNS"])]
     W, opt = make_model(WIDTHS[ocfg["DATASET"]], seeds, optimizer, ocfg["LR"], ocfg["DEVICE"])
     moments = Moments((ocfg["TELE_EPOCH"],), ocfg["TELE_BATCHES"], ocfg["TELE_BATCH_SIZE"], ocfg["TELE_SEED"])
     hook = ArmHook(W, opt, data, ACT, [arm], moments, matched=matched)
-    hist = fit(W, opt, data, ACT, ocfg["EPOCHS"], ocfg["BATCH_SIZE"], hook=hook, desc=f"{optimizer} {arm.name}",
-               progress=ocfg["PROGRESS"], compile=ocfg["COMPILE"])
-    return {**hist, "seeds": seeds, "teleports": hook.records[arm.name]}
+    hist = ckpt.fit(unit, W, opt, data, ACT, ocfg["EPOCHS"], ocfg["BATCH_SIZE"], hook=hook, desc=unit,
+                    progress=ocfg["PROGRESS"], compile=ocfg["COMPILE"])
+    return ckpt.finish_unit(unit, {**hist, "seeds": seeds, "teleports": hook.records[arm.name]})
 
 
-def run_optimizer(ocfg, data, optimizer, names):
+def unmoved(rec, n_models):
+    """(K,) bool: the models a teleport left where they were (its linear algebra failed, or the
+    guard undid the move)."""
+    return np.array(rec.get("failed", [False] * n_models), bool) | ("error" in rec)
+
+
+def norms_to_match(records, n_models, n_pairs):
+    """The teleport arm's records as random-teleport reads them: norm 0 (no move) for the models
+    the teleport did not move."""
+    out = []
+    for r in records:
+        norms = np.array(r["algebra_norm"], float) if "algebra_norm" in r else np.zeros((n_models, n_pairs))
+        norms[unmoved(r, n_models)] = 0.0
+        out.append({**r, "algebra_norm": norms.tolist()})
+    return out
+
+
+def runs_diverged(h):
+    """Per run, the first (1-based) epoch whose train or test loss is non-finite or absurd
+    (lib.report.diverged), or None."""
+    at = [diverged(np.asarray(h[k], float).T) for k in ("train_loss", "test_loss")]
+    return [min((e for e in pair if e is not None), default=None) for pair in zip(*at)]
+
+
+def run_optimizer(ocfg, data, optimizer, names, ckpt):
     arms, out = declare_arms(ocfg), {}
     for name in names:
-        matched = {"teleport": out["teleport"]["teleports"]} if arms[name].move == "random" else None
-        h = out[name] = run_arm(ocfg, data, optimizer, arms[name], matched)
+        matched = None
+        if arms[name].move == "random":
+            matched = {"teleport": norms_to_match(out["teleport"]["teleports"], ocfg["N_RUNS"],
+                                                  len(WIDTHS[ocfg["DATASET"]]) - 2)}
+        h = out[name] = dict(run_arm(ocfg, data, optimizer, arms[name], ckpt, matched))
+        h["diverged"] = runs_diverged(h)
+        ok = [d is None for d in h["diverged"]]
         row = {"opt": optimizer, "arm": f"{name:>18}", "time_s": float(h["time_s"][-1])}
-        row.update({f"train@{e}": float(np.mean(h["train_loss"][e - 1]))
+        row.update({f"train@{e}": finite_stats(h["train_loss"][e - 1], ok)[0]
                     for e in ocfg["REPORT_EPOCHS"] if e <= len(h["train_loss"])})
-        if h["teleports"] and "objective_before" in h["teleports"][0]:
-            row["|g|^2 x"] = float(np.mean([np.mean(r["objective_after"]) / np.mean(r["objective_before"])
-                                            for r in h["teleports"]]))
+        ratios = [np.mean(r["objective_after"]) / np.mean(r["objective_before"])
+                  for r in h["teleports"] if "objective_after" in r]
+        if ratios:
+            row["|g|^2 x"] = float(np.mean(ratios))
+        if not all(ok):
+            row["diverged"] = f"{len(ok) - sum(ok)} of {len(ok)}"
         print(format_row(row))
     return out
 
 
 def plot_optimizer(res, title, path_stem):
     """Figure 5 (x = epoch) and Figure 13 (x = the arm's wall time): training loss (left) and
-    test loss (right), mean over the runs; baseline and teleport with a +-1 std band, the
-    controls drawn on top in their own line styles and markers."""
+    test loss (right), mean over the runs that did not diverge (lib.plots.plot_mean_std marks
+    the others); baseline and teleport with a +-1 std band, the controls drawn on top in their
+    own line styles and markers. The log axis spans the finite values drawn."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogFormatter, MaxNLocator
     order = [a for a in ARM_NAMES if a in res] + [a for a in res if a not in ARM_NAMES]
     for x_kind in ("epoch", "time"):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        xs = []
         for ax, key in zip(axes, ("train_loss", "test_loss")):
             for arm in order:
                 runs = np.asarray(res[arm][key], float).T  # (K, E)
                 x = np.arange(1, runs.shape[1] + 1) if x_kind == "epoch" else np.asarray(res[arm]["time_s"], float)
-                if arm in STYLES:
+                xs.append(x)
+                plot_mean_std(ax, x, runs, label=arm, color=COLORS.get(arm), shade=arm not in STYLES,
+                              lw=1.3 if arm in STYLES else 1.5)
+                if arm in STYLES:  # the mean line, drawn last
                     ls, marker = STYLES[arm]
-                    ax.plot(x, runs.mean(0), linestyle=ls, marker=marker, markevery=max(1, len(x) // 8), ms=4,
-                            lw=1.3, color=COLORS.get(arm), label=arm, zorder=3, markerfacecolor="none")
-                else:
-                    plot_mean_std(ax, x, runs, label=arm, color=COLORS.get(arm))
+                    ax.lines[-1].set(linestyle=ls, marker=marker, markevery=max(1, len(x) // 8), ms=4, zorder=3,
+                                     markerfacecolor="none")
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(LogFormatter())  # 2.2, not 2.2 x 10^0
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
             ax.set_title("training loss" if key == "train_loss" else "test loss", fontsize=10)
             ax.set_xlabel("epoch" if x_kind == "epoch" else "wall time of the arm (s, all runs batched)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=x_kind == "epoch"))
+        drawn = [a.get_ydata() for ax in axes for a in ax.lines] + [
+            p.vertices[:, 1] for ax in axes for c in ax.collections for p in c.get_paths()]
+        y = np.concatenate([np.asarray(v, float).ravel() for v in drawn])
+        y = y[np.isfinite(y) & (y > 0)]
+        if y.size:
+            pad = (y.max() / y.min()) ** 0.05
+            axes[0].set_ylim(y.min() / pad, y.max() * pad)
+        else:  # nothing finite drawn: the axes span the epochs (or times) all the same
+            axes[0].set_ylim(0.1, 10)
+            for ax in axes:
+                ax.set_xlim(min(x.min() for x in xs), max(x.max() for x in xs))
+                ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center")
         axes[0].set_ylabel("cross-entropy loss")
         axes[1].legend(fontsize=7)
         fig.suptitle(title, fontsize=10)
         save_figure(fig, f"{path_stem}_loss_vs_{x_kind}.png")
 
 
-def stat(h, key, epoch):
-    v = np.asarray(h[key][epoch - 1], float)
-    return float(v.mean()), float(v.std())
+def arm_stats(h, rep, ctl):
+    """One arm's row of the summary: mean, std and number of runs (those that did not diverge)
+    of the train loss at REPORT_EPOCHS and CONTROL_EPOCHS, of the test loss and accuracy at
+    REPORT_EPOCHS; times; the epoch each run diverged at (None: it did not)."""
+    at = runs_diverged(h)
+    ok = [e is None for e in at]
+    st = lambda key, e: finite_stats(h[key][e - 1], ok)  # noqa: E731
+    return {"train_loss": {e: st("train_loss", e) for e in sorted(set(rep + ctl))},
+            "test_loss": {e: st("test_loss", e) for e in rep}, "test_acc": {e: st("test_acc", e) for e in rep},
+            "time_s": float(h["time_s"][-1]),
+            "teleport_time_s": float(sum(r.get("time_s", 0.0) for r in h["teleports"])),
+            "mean_train_loss_all_epochs": finite_stats(np.asarray(h["train_loss"], float).mean(0), ok)[0],
+            "diverged": at, "teleports_failed": int(sum(unmoved(r, len(at)).any() for r in h["teleports"]))}
 
 
-def share(base, tele, arm):
-    """The part of the teleport arm's gain over the baseline that `arm` reaches."""
-    return (base - arm) / (base - tele) if base != tele else float("nan")
+def verdict(opt, res, stats, ctl):
+    """The teleport arm's gain over the baseline (train loss averaged over all epochs) over the
+    runs that diverged in neither arm, and the share of it each control reaches (over the runs
+    where it did not diverge either; also at each of CONTROL_EPOCHS). Returns the verdict and the
+    comparison at epochs 1-5; 'diverged', and no gain, where no run is left."""
+    ok = {a: np.array([e is None for e in stats[a]["diverged"]]) for a in res}
+    both, K = ok["baseline"] & ok["teleport"], len(ok["baseline"])
+    lost = {a: int(K - ok[a].sum()) for a in ("baseline", "teleport")}
+    if not both.any():
+        text = f"{opt}: diverged (baseline: {lost['baseline']} of {K} runs, teleport: {lost['teleport']}), no gain"
+        return {"gain": None, "diverged": lost, "text": text}, f"{opt}: diverged"
+    loss = {a: np.asarray(res[a]["train_loss"], float) for a in res}  # (epochs, K)
+
+    def gain(a, sel, e=None):  # baseline minus arm in train loss, over the runs sel, all epochs or epoch e
+        diff = loss["baseline"] - loss[a]
+        return float((diff if e is None else diff[e - 1])[..., sel].mean())
+
+    def share(a, sel, e=None):
+        return gain(a, sel, e) / gain("teleport", sel, e) if gain("teleport", sel, e) else float("nan")
+    text = (f"{opt}: teleport lowers the training loss averaged over all epochs by {gain('teleport', both):+.4f} "
+            f"below the baseline")
+    text += "" if both.all() else f" (the {both.sum()} of {K} runs that diverged in neither arm)"
+    if stats["teleport"]["teleports_failed"]:
+        text += f"; {stats['teleport']['teleports_failed']} teleports failed and left models where they were"
+    shares, shares_at, e5 = {}, {}, 5 if 5 in ctl else ctl[-1]
+    for arm in (a for a in CONTROL_ARMS if a in res):
+        sel = both & ok[arm]
+        if not sel.any():
+            shares[arm], shares_at[arm], text = None, None, text + f"; {arm}: diverged"
+            continue
+        shares[arm], shares_at[arm] = share(arm, sel), {e: share(arm, sel, e) for e in ctl}
+        text += (f"; {arm} reaches {100 * shares[arm]:.0f}% of that gain ({100 * shares_at[arm][e5]:.0f}% at epoch "
+                 f"{e5})" + (f" ({sel.sum()} runs)" if sel.sum() < both.sum() else ""))
+    b, t = (loss[a][:5][:, both].mean(1) for a in ("baseline", "teleport"))
+    below = f"{opt}: " + ", ".join(f"{e + 1}: {'yes' if t[e] < b[e] else 'no'} ({t[e]:.4f} vs {b[e]:.4f})"
+                                   for e in range(len(b)))
+    return {"gain": gain("teleport", both), "diverged": lost, "share": shares, "share_at_epoch": shares_at,
+            "text": text}, below
 
 
 def summary(cfg, results):
-    """Per optimizer and arm: mean train/test loss at REPORT_EPOCHS and total time; mean +- std
-    train loss at CONTROL_EPOCHS and the share of the teleport gain that each control reaches.
-    Gain = baseline minus arm in train loss averaged over all epochs (and at each epoch)."""
+    """Per optimizer and arm (arm_stats): mean train / test loss at REPORT_EPOCHS, total time and
+    diverged runs; mean +- std train loss at CONTROL_EPOCHS; the verdicts (verdict). Runs that
+    diverged are left out of every mean; a cell says over how many runs where some diverged,
+    'diverged' where none is left."""
     rep = [e for e in cfg["REPORT_EPOCHS"] if e <= cfg["EPOCHS"]]
     ctl = [e for e in cfg["CONTROL_EPOCHS"] if e <= cfg["EPOCHS"]]
+
+    def cell(s, fmt):  # s: (mean, std, number) of the runs left
+        some = f" ({s[2]} of {cfg['N_RUNS']} runs)" if s[2] < cfg["N_RUNS"] else ""
+        return "diverged" if s[2] == 0 else fmt.format(*s) + some
+
     rows, crows, verdicts, data, below = [], [], {}, {}, {}
     for opt, res in results.items():
-        d = data[opt] = {}
-        for arm, h in res.items():
-            d[arm] = {"train_loss": {e: stat(h, "train_loss", e) for e in sorted(set(rep + ctl))},
-                      "test_loss": {e: stat(h, "test_loss", e) for e in rep},
-                      "test_acc": {e: stat(h, "test_acc", e) for e in rep},
-                      "time_s": float(h["time_s"][-1]),
-                      "teleport_time_s": float(sum(r.get("time_s", 0.0) for r in h["teleports"])),
-                      "mean_train_loss_all_epochs": float(np.mean(h["train_loss"]))}
-            a = d[arm]
-            rows.append([opt, arm] + [f"{a['train_loss'][e][0]:.4g} / {a['test_loss'][e][0]:.4g}" for e in rep]
-                        + [f"{a['time_s']:.1f} ({a['teleport_time_s']:.1f})"])
-            crows.append([opt, arm] + [f"{a['train_loss'][e][0]:.4f} ± {a['train_loss'][e][1]:.4f}" for e in ctl])
-        if "baseline" not in res or "teleport" not in res:
-            continue
-        mean = {arm: d[arm]["mean_train_loss_all_epochs"] for arm in res}
-        at = {arm: {e: d[arm]["train_loss"][e][0] for e in ctl} for arm in res}
-        gain = mean["baseline"] - mean["teleport"]
-        controls = [arm for arm in res if arm not in ("baseline", "teleport")]
-        shares = {arm: (mean["baseline"] - mean[arm]) / gain if gain else float("nan") for arm in controls}
-        shares_at = {arm: {e: share(at["baseline"][e], at["teleport"][e], at[arm][e]) for e in ctl} for arm in controls}
-        e5 = 5 if 5 in ctl else ctl[-1]
-        text = f"{opt}: teleport lowers the training loss averaged over all epochs by {gain:+.4f} below the baseline"
-        for arm in (a for a in CONTROL_ARMS if a in shares):
-            text += (f"; {arm} reaches {100 * shares[arm]:.0f}% of that gain "
-                     f"({100 * shares_at[arm][e5]:.0f}% at epoch {e5})")
-        verdicts[opt] = {"gain": gain, "share": shares, "share_at_epoch": shares_at, "text": text}
-        b, t = (np.asarray(res[a]["train_loss"][:5], float).mean(1) for a in ("baseline", "teleport"))
-        below[opt] = f"{opt}: " + ", ".join(f"{e + 1}: {'yes' if t[e] < b[e] else 'no'} ({t[e]:.4f} vs {b[e]:.4f})"
-                                            for e in range(len(b)))
-    header = ["optimizer", "arm"] + [f"train / test @ {e}" for e in rep] + ["time s (teleports)"]
+        d = data[opt] = {arm: arm_stats(h, rep, ctl) for arm, h in res.items()}
+        for arm, a in d.items():
+            bad = sorted(e for e in a["diverged"] if e is not None)
+            rows.append([opt, arm] + [f"{cell(a['train_loss'][e], '{:.4g}')} / {cell(a['test_loss'][e], '{:.4g}')}"
+                                      for e in rep] + [f"{a['time_s']:.1f} ({a['teleport_time_s']:.1f})",
+                                                       f"{len(bad)} (from epoch {bad[0]})" if bad else "0"])
+            crows.append([opt, arm] + [cell(a["train_loss"][e], "{:.4f} ± {:.4f}") for e in ctl])
+        if "baseline" in res and "teleport" in res:
+            verdicts[opt], below[opt] = verdict(opt, res, d, ctl)
+    header = ["optimizer", "arm"] + [f"train / test @ {e}" for e in rep] + ["time s (teleports)", "diverged runs"]
     cheader = ["optimizer", "arm"] + [f"train @ {e}" for e in ctl]
     md = (f"## {cfg['DATASET']}: mean train / test loss over {cfg['N_RUNS']} runs\n\n" + markdown_table(header, rows)
           + f"\n\n## Controls: train loss, mean ± std over {cfg['N_RUNS']} runs\n\n" + markdown_table(cheader, crows)
@@ -269,35 +362,82 @@ def saved_config(cfg):
     return {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
 
 
+def check_saved(path, config, opt=None):
+    """lib.io.check_replace (results of other settings are not replaced without --replace), a
+    config saved by the older combined script (FIGURE, F12_*, OPTIMIZER_SETTINGS) read in
+    today's names."""
+    try:
+        saved = load_json(path)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return check_replace(path, config)  # missing or unreadable: nothing to keep
+    if "OPTIMIZER_SETTINGS" not in saved:
+        return check_replace(path, config)
+    today = {k: v for k, v in saved.items() if k not in LEGACY and not k.startswith("F12_")}
+    if opt is not None:
+        today.update({k.upper(): v for k, v in saved["OPTIMIZER_SETTINGS"][opt].items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = save_json(os.path.join(tmp, os.path.basename(path)), {"config": today})
+        try:
+            check_replace(copy, config)
+        except UsageError as e:
+            raise UsageError(str(e).replace(copy, path)) from None
+
+
+def check_data(path, data, cfg):
+    """Results made on other data (e.g. the full MNIST, not the 4,000-image subset) are not
+    replaced silently either."""
+    try:
+        saved = load_json(path)
+        n = saved.get("data", saved)["n_train"], saved.get("data", saved)["n_test"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not cfg["REPLACE"] and n != (len(data.y_train), len(data.y_test)):
+        raise UsageError(f"{path} holds results made on {n[0]:,}/{n[1]:,} training/test images, this run has "
+                         f"{len(data.y_train):,}/{len(data.y_test):,}; --out-dir=DIR writes elsewhere, --replace "
+                         f"replaces them")
+
+
 def main(cfg):
     names = check(cfg)
     if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # a 784-16-10-10 MLP at batch 20 is launch-bound: 1 thread is fastest
-    fig_dir, res_dir = experiment_dirs("optimization", cfg["OUT_DIR"])
-    tag, results, data, run_cfg = cfg["DATASET"], {}, None, saved_config(cfg)
-    for opt in cfg["OPTIMIZERS_RUN"]:
-        path = os.path.join(res_dir, f"{tag}_{opt}.json")
-        if cfg["PLOT_ONLY"]:
-            saved = load_results(path)
-            run_cfg = {**saved["config"], "PLOT_ONLY": True}  # the config the results were made with
-        else:
-            if data is None:
-                data = load(tag, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
-                print(f"{data.label}: {len(data.y_train)} training, {len(data.y_test)} test images")
-            ocfg = with_preset(cfg, PRESETS, "OPTIMIZER", opt)
-            saved = {"config": saved_config(ocfg), "environment": environment(), "optimizer": opt,
-                     "data": {**data.info, "label": data.label}, "arms": run_optimizer(ocfg, data, opt, names)}
-            save_json(path, saved)
-        results[opt] = saved["arms"]
-        label = saved["data"]["label"] if "data" in saved else f"{tag} ({saved['n_train']:,} train)"  # older files
-        n_runs = len(next(iter(saved["arms"].values()))["train_loss"][0])
-        plot_optimizer(saved["arms"], f"{label}, {opt}: mean over {n_runs} runs (band: ±1 std)",
-                       os.path.join(fig_dir, f"{tag}_{opt}"))
-    md, summ = summary(run_cfg, results)
-    print("\n" + md)
-    save_json(os.path.join(res_dir, f"{tag}_summary.json"), {"config": run_cfg, "environment": environment(), **summ})
-    save_text(os.path.join(res_dir, f"{tag}_summary.md"), md)
-    return results
+    tag, opts = cfg["DATASET"], cfg["OPTIMIZERS_RUN"]
+    path = lambda name: os.path.join(cfg["OUT_DIR"], "results", "optimization", f"{tag}_{name}.json")  # noqa: E731
+    if cfg["PLOT_ONLY"]:
+        saved = {opt: load_results(path(opt)) for opt in opts}
+        run_cfg = {**saved[opts[0]]["config"], "PLOT_ONLY": True}  # the config the results were made with
+    else:
+        configs = {opt: with_preset(cfg, PRESETS, "OPTIMIZER", opt) for opt in opts}
+        run_cfg = saved_config(cfg)
+        for opt in opts:
+            check_saved(path(opt), saved_config(configs[opt]), opt)
+        check_saved(path("summary"), run_cfg)
+        data = load(tag, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
+        print(f"{data.label}: {len(data.y_train)} training, {len(data.y_test)} test images")
+        for opt in opts:
+            check_data(path(opt), data, cfg)
+        ckpt = Checkpoint(cfg, f"teleport_optimization-{tag}")
+        saved = {opt: {"config": saved_config(ocfg), "environment": environment(), "optimizer": opt,
+                       "data": {**data.info, "label": data.label}, "arms": run_optimizer(ocfg, data, opt, names, ckpt)}
+                 for opt, ocfg in configs.items()}
+    with staged(cfg["OUT_DIR"]) as out:  # the outputs replace the previous set only when all are written
+        fig_dir, res_dir = experiment_dirs("optimization", out)
+        for opt, s in saved.items():
+            if not cfg["PLOT_ONLY"]:
+                save_json(os.path.join(res_dir, f"{tag}_{opt}.json"), s)
+            label = s["data"]["label"] if "data" in s else f"{tag} ({s['n_train']:,} train)"  # older files
+            n_runs = len(next(iter(s["arms"].values()))["train_loss"][0])
+            plot_optimizer(s["arms"], f"{label}, {opt}: mean over {n_runs} runs (band: ±1 std)",
+                           os.path.join(fig_dir, f"{tag}_{opt}"))
+        md, summ = summary(run_cfg, {opt: s["arms"] for opt, s in saved.items()})
+        print("\n" + md)
+        if not cfg["PLOT_ONLY"]:
+            save_json(os.path.join(res_dir, f"{tag}_summary.json"), {"config": run_cfg, "environment": environment(),
+                                                                     **summ})
+            save_text(os.path.join(res_dir, f"{tag}_summary.md"), md)
+    if not cfg["PLOT_ONLY"]:
+        ckpt.finish()
+    return {opt: s["arms"] for opt, s in saved.items()}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ does not diverge; the paper's teleport step sizes (1.2e-5 for ||grad L||^2, 7.5e
 ones of a sweep. A value given (--lr=...) applies to both optimizers.
 
 CPU runtime (one thread of a 2-core machine): 15 s; --quick: 10 s, mostly imports and plotting.
+It runs in seconds, so it keeps no progress to resume: an interrupted run is simply run again.
+A teleport whose linear algebra fails (the ascent overflowed) marks its arm's repeats diverged
+from the teleport on (non-finite losses, the error in the record) instead of stopping the run.
 Headline: not reproduced. With 4 points and hidden widths 6, 7 the action at T = 0 is a
 projection, not the identity, and it dominates each teleport (||grad L||^2 drops). Momentum:
 reset is briefly ahead, all strategies end level, transport diverges; AdaGrad: the two
@@ -25,16 +28,19 @@ objectives are indistinguishable and slightly behind no teleport.
 
 Outputs: under OUT_DIR, results/optimization/figure12.json (the resolved config and each
 optimizer's, the environment, the loss curves per arm and repeat, the teleport records) and
-figures/optimization/momentum_strategies.png and adagrad_objectives.png (Figure 12 a, b).
+figures/optimization/momentum_strategies.png and adagrad_objectives.png (Figure 12 a, b). They
+replace the previous ones only when all are written; results made with other settings are not
+replaced without --replace (--out-dir=DIR writes elsewhere).
 """
 import os
+import tempfile
 
 import numpy as np
 import torch
 
 from lib.actions import GLAction
 from lib.config import UsageError, check_positive, run, with_preset
-from lib.io import environment, experiment_dirs, load_results, relative, save_json
+from lib.io import check_replace, environment, experiment_dirs, load_json, load_results, relative, save_json, staged
 from lib.metrics import adagrad_preconditioner, grad_norm_sq
 from lib.models import Activation, loss_fn
 from lib.optim import make_optimizer
@@ -53,6 +59,7 @@ ANORM_TELE_LR = 1e-5            # AdaGrad's teleport step size maximising ||grad
 PLOT_ONLY = False               # redraw the figures from saved results
 DEVICE = "cpu"                  # cpu, cuda or auto
 OUT_DIR = "."                   # figures/ and results/ go under this folder
+REPLACE = False                 # True: replace saved results made with other settings
 # ---------------------------------------------------------------------------------------------
 
 # not in the paper (see the docstring): momentum's teleport step is the largest finite of 1e-13..3e-11
@@ -66,6 +73,10 @@ PALETTE = {"no teleport": COLORS["baseline"], "reset": COLORS["teleport"], "keep
            "transport": COLORS["teleport-transport"], "||grad L||^2": COLORS["teleport"],
            "||grad L||_A^2": COLORS["teleport-transport"]}
 DASHED = ("keep", "||grad L||_A^2")  # dashed, so that the curves they nearly cover stay visible
+LEGACY = {"EPOCHS": "F12_EPOCHS", "RUNS": "F12_RUNS", "TELE_EPOCH": "F12_TELE_EPOCH", "TELE_STEPS": "F12_TELE_STEPS",
+          "ANORM_TELE_LR": "F12_ANORM_TELE_LR"}  # today's names of the older combined script's settings
+LEGACY_LRS = {"momentum": ("F12_MOMENTUM_LR", "F12_MOMENTUM_TELE_LR"),  # the older script's LR and TELE_LR
+              "adagrad": ("F12_ADAGRAD_LR", "F12_GRAD_TELE_LR")}
 LEGEND = {"||grad L||^2": r"max $\|\nabla L\|^2$", "||grad L||_A^2": r"max $\|\nabla L\|_A^2$"}
 
 
@@ -108,9 +119,13 @@ def train(ocfg, optimizer, tele=None):
         if tele is not None and epoch == ocfg["TELE_EPOCH"]:
             try:
                 rec = teleport_once(ocfg, W, opt, X, Y, **tele)
-            except torch.linalg.LinAlgError:  # the ascent overflowed: the step size is too large here
-                raise UsageError(f"{optimizer}: the teleport's weights turned non-finite; try a smaller "
-                                 f"teleport step size than {tele['lr']:g} (--tele-lr, --anorm-tele-lr)") from None
+            except torch.linalg.LinAlgError as e:  # the ascent overflowed: the step size is too large here
+                rec = {"error": str(e).splitlines()[0]}
+                with torch.no_grad():  # the repeats count as diverged from here on
+                    for w in W:
+                        w.fill_(float("nan"))
+                print(f"{optimizer} {tele['strategy']} {tele['objective']}: the teleport failed ({rec['error']}); "
+                      f"a smaller teleport step size than {tele['lr']:g} (--tele-lr, --anorm-tele-lr) avoids it")
         opt.zero_grad(set_to_none=True)
         loss(W, X, Y).sum().backward()
         opt.step()
@@ -181,25 +196,50 @@ def run_all(cfg, configs):
             "momentum": mom, "adagrad": ada, "teleports": recs}
 
 
+def check_saved(path, cfg):
+    """lib.io.check_replace (results of other settings are not replaced without --replace), a
+    config saved by the older combined script (F12_* names) read in today's names."""
+    if cfg["REPLACE"]:
+        return
+    try:
+        saved = load_json(path)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return check_replace(path, cfg)  # missing or unreadable: nothing to keep
+    if "F12_EPOCHS" not in saved:
+        return check_replace(path, cfg)
+    lrs = {opt: [saved[k] for k in keys] for opt, keys in LEGACY_LRS.items()}
+    same = all(lrs[opt] == [PRESETS["OPTIMIZER"][opt][k] for k in ("LR", "TELE_LR")] for opt in lrs)
+    today = {**{k: saved[old] for k, old in LEGACY.items()}, "LR": None if same else lrs, "TELE_LR": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = save_json(os.path.join(tmp, os.path.basename(path)), {"config": today})
+        try:
+            check_replace(copy, cfg)
+        except UsageError as e:
+            raise UsageError(str(e).replace(copy, path)) from None
+
+
 def main(cfg):
     configs = check(cfg)
     if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # tiny tensors: one thread is fastest
-    fig_dir, res_dir = experiment_dirs("optimization", cfg["OUT_DIR"])
-    path = os.path.join(res_dir, "figure12.json")
+    path = os.path.join(cfg["OUT_DIR"], "results", "optimization", "figure12.json")
     if cfg["PLOT_ONLY"]:
         saved = load_results(path)
     else:
+        check_saved(path, {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"])})
         saved = run_all(cfg, configs)
-        save_json(path, saved)
     c = saved["config"]
     tele_epoch = c["TELE_EPOCH"] if "TELE_EPOCH" in c else c["F12_TELE_EPOCH"]  # older files: F12_ names
     n = len(saved["momentum"]["no teleport"])
     problem_text = f"5-6-7-8 MLP, 4 random points; mean ± std over {n} repeats"
-    plot(saved["momentum"], os.path.join(fig_dir, "momentum_strategies.png"),
-         f"SGD momentum: optimizer state after the teleport\n{problem_text}", tele_epoch)
-    plot(saved["adagrad"], os.path.join(fig_dir, "adagrad_objectives.png"),
-         f"AdaGrad: teleport objective\n{problem_text}", tele_epoch)
+    with staged(cfg["OUT_DIR"]) as out:  # the outputs replace the previous ones only when all are written
+        fig_dir, res_dir = experiment_dirs("optimization", out)
+        if not cfg["PLOT_ONLY"]:
+            save_json(os.path.join(res_dir, "figure12.json"), saved)
+        plot(saved["momentum"], os.path.join(fig_dir, "momentum_strategies.png"),
+             f"SGD momentum: optimizer state after the teleport\n{problem_text}", tele_epoch)
+        plot(saved["adagrad"], os.path.join(fig_dir, "adagrad_objectives.png"),
+             f"AdaGrad: teleport objective\n{problem_text}", tele_epoch)
     for part in ("momentum", "adagrad"):
         for name, curve in saved[part].items():
             curve = np.asarray(curve, float)

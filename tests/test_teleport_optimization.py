@@ -1,6 +1,8 @@
 """teleport_optimization.py: quick runs through the real loading code on tiny IDX files, the
 control arms, per-optimizer presets that yield to --lr/--tele-lr/--tele-epoch, --plot-only on
-the committed results, and one-line errors."""
+the committed results, the defaults as the committed protocol (other settings or data do not
+replace it), resume after an interruption, divergence and failed teleports as results, and
+one-line errors."""
 import json
 import os
 import shutil
@@ -9,8 +11,10 @@ import sys
 import pytest
 import torch
 
-from lib.config import resolve, run
+import lib.progress
+from lib.config import UsageError, resolve, run, with_preset
 from lib.data import load, write_fake
+from lib.progress import Checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -95,33 +99,72 @@ def test_plot_only_redraws_from_saved_results(quick_run, tmp_path):
 
 def test_plot_only_copes_with_the_committed_results(tmp_path, capsys):
     """The committed files were saved before the presets (their configs hold OPTIMIZER_SETTINGS,
-    F12_* names, no data record): --plot-only still redraws them, into a copy."""
+    F12_* names, no data record): --plot-only still redraws them, into a copy, and leaves every
+    results file as it was (the summary is printed, not rewritten)."""
     res = tmp_path / "results" / "optimization"
     res.mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "results", "optimization", "MNIST_momentum.json"), res)
-    saved = json.loads((res / "MNIST_momentum.json").read_text())
+    before = (res / "MNIST_momentum.json").read_bytes()
+    saved = json.loads(before)
     assert "OPTIMIZER_SETTINGS" in saved["config"] and "data" not in saved
     run(script.main, vars(script), argv=["--plot-only", f"--out-dir={tmp_path}", "--optimizers-run=['momentum']",
                                          "--progress=False"])
     assert (tmp_path / "figures" / "optimization" / "MNIST_momentum_loss_vs_time.png").stat().st_size > 1000
-    assert "| momentum | teleport-transport |" in (res / "MNIST_summary.md").read_text()
+    assert "| momentum | teleport-transport |" in capsys.readouterr().out
+    assert sorted(p.name for p in res.iterdir()) == ["MNIST_momentum.json"]
+    assert (res / "MNIST_momentum.json").read_bytes() == before
+
+
+def test_defaults_are_the_committed_protocol():
+    """The plain command's settings are those of the committed 6-arm results (configs saved by
+    the older script read in today's names); other settings are refused, naming the difference."""
+    cfg = resolve(script, [])
+    assert cfg["CONTROLS"] and cfg["OPTIMIZERS_RUN"] == ["adagrad", "momentum", "rmsprop", "adam"]
+    committed = os.path.join(ROOT, "results", "optimization", "MNIST_{}.json")
+    for opt in cfg["OPTIMIZERS_RUN"]:
+        script.check_saved(committed.format(opt), script.saved_config(with_preset(cfg, script.PRESETS, "OPTIMIZER", opt)), opt)
+    script.check_saved(committed.format("summary"), script.saved_config(cfg))
+    for args, diff in ((["--controls=False"], "CONTROLS=False"), (["--lr=0.05"], "LR=0.05"), (["--epochs=3"], "EPOCHS=3")):
+        other = resolve(script, args)
+        with pytest.raises(UsageError, match=diff):
+            script.check_saved(committed.format("adam"), script.saved_config(
+                with_preset(other, script.PRESETS, "OPTIMIZER", "adam")), "adam")
+    script.check_saved(committed.format("adam"), {**script.saved_config(resolve(script, ["--epochs=3"])),
+                                                  "REPLACE": True}, "adam")
+
+
+def test_other_settings_or_data_do_not_replace_saved_results(tmp_path, capsys):
+    res = tmp_path / "results" / "optimization"
+    res.mkdir(parents=True)
+    for name in ("MNIST_adam.json", "MNIST_summary.json"):
+        shutil.copy(os.path.join(ROOT, "results", "optimization", name), res)
+    with pytest.raises(SystemExit) as exc:  # the committed protocol with 3 epochs: refused before any work
+        run(script.main, vars(script), argv=["--epochs=3", f"--out-dir={tmp_path}", f"--data-dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "EPOCHS=3 (saved: 40)" in err and "--replace" in err
+    write_fake(tmp_path / "small", "MNIST", n_train=100, n_test=40, seed=3)
+    _tiny_run(tmp_path / "a", "--arms=['baseline']", "--epochs=1")  # 120 training images
+    with pytest.raises(UsageError, match="120/40 training/test images, this run has 100/40"):  # same settings, other data
+        script.main(_cfg(tmp_path / "a", arms="['baseline']", epochs=1, optimizers_run="['adam']", controls=False,
+                         data_dir=tmp_path / "small"))
 
 
 def _tiny_run(tmp_path, *args):
-    """One optimizer, few arms, 1-2 epochs on tiny fake MNIST; returns its saved results and the
+    """A --quick run of Adam alone on tiny fake MNIST; returns its saved results and the
     learning rates the optimizers were built with (read from torch's param_groups)."""
     if not (tmp_path / "data").exists():
         write_fake(tmp_path / "data", "MNIST", n_train=120, n_test=40, seed=3)
-    lrs, fit = [], script.fit
-    def spy(W, opt, *a, **k):
+    lrs, make = [], script.make_model
+    def spy(*a, **k):
+        W, opt = make(*a, **k)
         lrs.append(opt.param_groups[0]["lr"])
-        return fit(W, opt, *a, **k)
-    script.fit = spy
+        return W, opt
+    script.make_model = spy
     try:
-        cfg = _cfg(tmp_path, optimizers_run="['adam']", **dict(a.lstrip("-").split("=", 1) for a in args))
-        script.main(cfg)
+        cfg = _cfg(tmp_path, optimizers_run="['adam']", controls=False, **dict(a.lstrip("-").split("=", 1) for a in args))
+        script.main({**cfg, "REPLACE": True})
     finally:
-        script.fit = fit
+        script.make_model = make
     return _saved(tmp_path / "out", "adam"), lrs
 
 
@@ -146,17 +189,18 @@ def test_reset_only_without_moments_is_bitwise_the_baseline(tmp_path):
     write_fake(tmp_path, "MNIST", n_train=120, n_test=40, seed=3)
     data = load("MNIST", tmp_path, download=False)
     ocfg = script.with_preset({**_cfg(tmp_path), "N_RUNS": 2, "EPOCHS": 3}, script.PRESETS, "OPTIMIZER", "adam")
-    arms = script.declare_arms(ocfg)
-    base = script.run_arm(ocfg, data, "adam", arms["baseline"])
-    none = script.run_arm({**ocfg, "TELE_BATCHES": 0}, data, "adam", arms["reset-only"])
+    arms, ckpt = script.declare_arms(ocfg), Checkpoint(ocfg, "test")
+    base = script.run_arm(ocfg, data, "adam", arms["baseline"], ckpt)
+    none = script.run_arm({**ocfg, "TELE_BATCHES": 0}, data, "adam", arms["reset-only"], Checkpoint(ocfg, "other"))
     assert none["train_loss"] == base["train_loss"] and none["test_loss"] == base["test_loss"]
-    reset = script.run_arm(ocfg, data, "adam", arms["reset-only"])  # with its moments it does differ
+    reset = script.run_arm(ocfg, data, "adam", arms["reset-only"], Checkpoint(ocfg, "third"))  # with its moments it does differ
     assert reset["train_loss"] != base["train_loss"] and len(reset["teleports"]) == ocfg["TELE_BATCHES"]
 
 
 @pytest.mark.parametrize("args,match", [(["--optimizers-run=['lbfgs']"], "unknown optimizer 'lbfgs'"),
                                         (["--arms=['baseline','warp']"], "unknown arm 'warp'"),
-                                        (["--arms=['random-teleport']"], "needs the 'teleport' arm"),
+                                        (["--arms=['random-teleport']", "--controls=False"], "needs the 'teleport' arm"),
+                                        (["--arms=['baseline']"], "--controls=False runs the ARMS alone"),
                                         (["--dataset=SVHN"], "unknown dataset 'SVHN'"),
                                         (["--lr=-1"], "lr must be > 0"),
                                         (["--lr=fast"], "--lr: expected a number"),
@@ -180,3 +224,109 @@ def test_missing_data_offline_is_the_libs_one_line_error(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: FashionMNIST not found") and "--data-dir" in err
     assert err.count("\n") == 1
+
+
+def _files(out):
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and ".progress" not in p.parts}
+
+
+def test_interrupted_run_resumes_to_the_same_numbers_and_keeps_the_previous_outputs(tmp_path, capsys, monkeypatch):
+    """Stopped during a later unit (Adam's teleport arm, epoch 2 of 3, with progress saved at every
+    epoch), the run leaves the previous output set as it was; the same command then resumes
+    (the finished units are not run again, the stopped one goes on from its last epoch) and ends
+    with the numbers of an uninterrupted run."""
+    write_fake(tmp_path / "data", "MNIST", n_train=120, n_test=40, seed=3)
+    args = ["--quick", f"--data-dir={tmp_path / 'data'}", "--optimizers-run=adagrad,adam", "--controls=False",
+            "--arms=['baseline','teleport','random-teleport']", "--checkpoint-s=0"]
+    script.main(resolve(script, args + [f"--out-dir={tmp_path / 'whole'}"]))
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "whole", out)  # the previous complete set
+    previous = _files(out)
+
+    class StopInAdamTeleport(script.ArmHook):
+        def __call__(self, epoch, i):
+            if isinstance(self.opt, torch.optim.Adam) and self.arms[0].name == "teleport" and (epoch, i) == (2, 0):
+                raise KeyboardInterrupt
+            super().__call__(epoch, i)
+    monkeypatch.setattr(script, "ArmHook", StopInAdamTeleport)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run(script.main, vars(script), argv=args + [f"--out-dir={out}"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 130 and "progress saved (adam teleport, epoch 2 of 3)" in err.splitlines()[-1]
+        assert _files(out) == previous and not list(out.glob(".staging-*"))
+        monkeypatch.setattr(script, "ArmHook", script.ArmHook.__mro__[1])
+        built, make = [], script.make_model
+        monkeypatch.setattr(script, "make_model", lambda *a, **k: built.append(a[1]) or make(*a, **k))
+        script.main(resolve(script, args + [f"--out-dir={out}"]))
+    finally:
+        lib.progress.ACTIVE.clear()
+    assert "resuming" in capsys.readouterr().err and len(built) == 2  # adam's teleport (resumed) and random-teleport
+    assert not (out / ".progress" / "teleport_optimization-MNIST.pt").exists()
+    for opt in ("adagrad", "adam"):
+        a, b = _saved(tmp_path / "whole", opt)["arms"], _saved(out, opt)["arms"]
+        assert list(a) == list(b) == ["baseline", "teleport", "random-teleport"]
+        for arm in a:
+            for k in ("train_loss", "test_loss", "test_acc"):
+                torch.testing.assert_close(torch.tensor(b[arm][k]), torch.tensor(a[arm][k]), rtol=1e-6, atol=0)
+            strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
+            assert strip(b[arm]["teleports"]) == strip(a[arm]["teleports"])
+    assert _files(out) != previous  # the resumed run's set replaced it
+
+
+def test_divergence_is_a_result(tmp_path):
+    """At lr 1e6 momentum and AdaGrad diverge: the run completes, records each run's divergence
+    epoch, draws the figures and says 'diverged' instead of reporting a gain."""
+    write_fake(tmp_path / "data", "MNIST", n_train=120, n_test=40, seed=3)
+    script.main(_cfg(tmp_path, lr=1e6, optimizers_run="['momentum','adagrad']"))
+    out = tmp_path / "out"
+    for opt in ("momentum", "adagrad"):
+        for kind in ("epoch", "time"):
+            assert (out / "figures" / "optimization" / f"MNIST_{opt}_loss_vs_{kind}.png").stat().st_size > 1000
+        arms = _saved(out, opt)["arms"]
+        assert all(d is not None and 1 <= d <= 3 for h in arms.values() for d in h["diverged"])
+    summ = json.loads((out / "results" / "optimization" / "MNIST_summary.json").read_text())
+    md = (out / "results" / "optimization" / "MNIST_summary.md").read_text()
+    for opt in ("momentum", "adagrad"):
+        v = summ["verdicts"][opt]
+        assert v["gain"] is None and "diverged" in v["text"] and "lowers" not in v["text"]
+        assert v["diverged"] == {"baseline": 2, "teleport": 2}
+    assert "| momentum | baseline | diverged / diverged |" in md and "lowers" not in md
+
+
+def test_partly_diverged_runs_are_left_out_of_the_means_with_a_count(tmp_path):
+    res = {arm: {"train_loss": [[1.0, 1.0], [0.5 - d, float("nan") if arm == "teleport" else 0.6],
+                                [0.4 - d, float("nan") if arm == "teleport" else 0.5]],
+                 "test_loss": [[1.0, 1.0]] * 3, "test_acc": [[50.0, 50.0]] * 3, "time_s": [1.0, 2.0, 3.0],
+                 "teleports": []} for arm, d in (("baseline", 0.0), ("teleport", 0.1), ("reset-only", 0.05))}
+    md, summ = script.summary({"DATASET": "MNIST", "N_RUNS": 2, "EPOCHS": 3, "REPORT_EPOCHS": [1, 3],
+                               "CONTROL_EPOCHS": [3]}, {"adam": res})
+    v = summ["verdicts"]["adam"]
+    assert v["diverged"] == {"baseline": 0, "teleport": 1}
+    assert v["gain"] == pytest.approx(0.2 / 3) and v["share"]["reset-only"] == pytest.approx(0.5)
+    assert "the 1 of 2 runs that diverged in neither arm" in v["text"]
+    assert summ["per_arm"]["adam"]["teleport"]["diverged"] == [None, 2]
+    assert "| adam | teleport | 1 (1 of 2 runs) / 1 (1 of 2 runs) | 0.3 (1 of 2 runs) / 1 (1 of 2 runs) | 3.0 (0.0) " \
+           "| 1 (from epoch 2) |" in md and "| adam | baseline | 1 / 1 | 0.45 / 1 |" in md
+    script.plot_optimizer(res, "partly diverged", str(tmp_path / "fig"))
+    assert (tmp_path / "fig_loss_vs_epoch.png").stat().st_size > 1000
+
+
+def test_failed_teleports_leave_the_weights_and_do_not_stop_the_run(tmp_path, monkeypatch):
+    """A teleport whose linear algebra fails (here: every one) leaves the models where they were:
+    the teleport arm trains exactly as reset-only, and random-teleport moves by norm 0."""
+    write_fake(tmp_path, "MNIST", n_train=120, n_test=40, seed=3)
+    data = load("MNIST", tmp_path, download=False)
+    def failing(W, X, Y):
+        raise torch.linalg.LinAlgError("linalg.svd: the input matrix contained non-finite values")
+    monkeypatch.setattr(script, "make_objective", lambda *a, **k: failing)
+    ocfg = script.with_preset({**_cfg(tmp_path), "N_RUNS": 2, "EPOCHS": 3}, script.PRESETS, "OPTIMIZER", "adagrad")
+    res = script.run_optimizer(ocfg, data, "adagrad", ["baseline", "teleport", "reset-only", "random-teleport"],
+                               Checkpoint(ocfg, "test"))
+    tele = res["teleport"]["teleports"]
+    assert len(tele) == ocfg["TELE_BATCHES"] and all("error" in r and r["failed"] == [True, True] for r in tele)
+    assert res["teleport"]["train_loss"] == res["reset-only"]["train_loss"]
+    assert all(r["algebra_norm"] == [[0.0, 0.0]] * 2 for r in res["random-teleport"]["teleports"])
+    md, summ = script.summary({**ocfg, "REPORT_EPOCHS": [1, 3], "CONTROL_EPOCHS": [3]}, {"adagrad": res})
+    assert f"{ocfg['TELE_BATCHES']} teleports failed" in summ["verdicts"]["adagrad"]["text"]

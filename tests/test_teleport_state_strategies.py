@@ -1,6 +1,8 @@
 """teleport_state_strategies.py (Figure 12): a quick run writes both figures and its results,
 the arms agree until the teleport, the teleport keeps the loss (batch 4 <= hidden widths), the
-plotted loss is ||Y - f(X)||_F^2, presets yield to --lr, and --plot-only reads the committed file."""
+plotted loss is ||Y - f(X)||_F^2, presets yield to --lr, --plot-only reads the committed file
+and leaves it unchanged, the defaults are the committed protocol (other settings do not replace
+it), the outputs replace the previous ones only as a whole, and a failed teleport is a result."""
 import json
 import os
 import shutil
@@ -70,12 +72,57 @@ def test_lr_overrides_both_presets_and_reaches_the_optimizer(monkeypatch, tmp_pa
 
 def test_plot_only_copes_with_the_committed_results(tmp_path):
     """The committed file was saved by the older combined script (F12_* names, non-finite values
-    as NaN): --plot-only redraws it, into a copy."""
+    as NaN): --plot-only redraws it, into a copy, and leaves it byte for byte as it was."""
     res = tmp_path / "results" / "optimization"
     res.mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "results", "optimization", "figure12.json"), res)
+    before = (res / "figure12.json").read_bytes()
     saved = script.main(resolve(script, ["--plot-only", f"--out-dir={tmp_path}"]))
     assert "F12_TELE_EPOCH" in saved["config"]
+    for name in ("momentum_strategies.png", "adagrad_objectives.png"):
+        assert (tmp_path / "figures" / "optimization" / name).stat().st_size > 1000
+    assert (res / "figure12.json").read_bytes() == before and [p.name for p in res.iterdir()] == ["figure12.json"]
+
+
+def test_defaults_are_the_committed_protocol(tmp_path, capsys):
+    committed = os.path.join(ROOT, "results", "optimization", "figure12.json")
+    script.check_saved(committed, {**resolve(script, []), "OUT_DIR": "."})
+    res = tmp_path / "results" / "optimization"
+    res.mkdir(parents=True)
+    shutil.copy(committed, res)
+    with pytest.raises(SystemExit) as exc:  # refused before any work
+        run(script.main, vars(script), argv=["--quick", f"--out-dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "EPOCHS=20 (saved: 300)" in err and "--replace" in err
+    script.main(resolve(script, ["--quick", "--replace", f"--out-dir={tmp_path}"]))
+    assert json.loads((res / "figure12.json").read_text())["config"]["EPOCHS"] == 20
+
+
+def test_an_interrupted_run_leaves_the_previous_outputs(quick, monkeypatch):
+    out, cfg, _ = quick
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    calls = []
+    def stop_at_second(*a, **k):  # the second figure: the first one and the JSON are written by then
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save(*a, **k)
+    save = script.save_figure
+    monkeypatch.setattr(script, "save_figure", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(cfg)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_failed_teleport_marks_its_repeats_diverged(tmp_path, capsys):
+    """--lr=1e-4 --epochs=7: AdaGrad's teleports overflow (their linear algebra fails); the run
+    completes, the error is recorded and those arms' losses are non-finite after the teleport."""
+    saved = script.main(resolve(script, ["--quick", "--lr=1e-4", "--epochs=7", f"--out-dir={tmp_path}"]))
+    assert "the teleport failed" in capsys.readouterr().out
+    for name, obj in (("||grad L||^2", "grad_norm"), ("||grad L||_A^2", "a_norm")):
+        assert "error" in saved["teleports"][f"adagrad-{obj}"]
+        c = torch.tensor(saved["adagrad"][name])
+        assert torch.isfinite(c[:, :6]).all() and not torch.isfinite(c[:, 6:]).any()
     for name in ("momentum_strategies.png", "adagrad_objectives.png"):
         assert (tmp_path / "figures" / "optimization" / name).stat().st_size > 1000
 
@@ -83,8 +130,7 @@ def test_plot_only_copes_with_the_committed_results(tmp_path):
 @pytest.mark.parametrize("args,match", [(["--tele-epoch=20"], "tele_epoch 20 is not below epochs = 20"),
                                         (["--lr=0"], "lr must be > 0"),
                                         (["--f12-epochs=3"], "did you mean --epochs"),
-                                        (["--plot-only"], "--plot-only: no saved results"),
-                                        (["--lr=1e-4", "--epochs=7"], "teleport's weights turned non-finite")])
+                                        (["--plot-only"], "--plot-only: no saved results")])
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit) as exc:
         run(script.main, vars(script), argv=["--quick", f"--out-dir={tmp_path}"] + args)
