@@ -47,7 +47,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -112,9 +111,6 @@ LABELS = {"phi_sphere": "sharpness (sphere)", "phi_orthant": "sharpness (positiv
           "phi_orthant_excess": "excess sharpness phi - L(w) (positive orthant)"}
 # the settings the trained weights depend on: --skip-training refuses to measure under others
 TRAINING = ("N_MODELS", "SEED_BASE", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "LR", "WIDTHS")
-# saved with the settings before they were renamed (the committed MNIST.json): constants, and
-# PER_DATASET, which held today's presets in lower case
-LEGACY = ("DATASETS", "PER_DATASET", "PAPER", "EXPERIMENT", "METRICS", "EXCESS", "LABELS")
 
 
 def displacements(cfg):
@@ -219,24 +215,9 @@ def dataset_config(cfg, name):
 
 
 def check_saved(path, cfg):
-    """lib.io.check_replace on a saved <dataset>.json, read in today's terms: SKIP_TRAINING is not
-    compared (measuring the saved weights, whose training settings are checked, gives a full
-    run's numbers), and a config saved before the settings were renamed is renamed first."""
-    try:
-        saved = load_json(path)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # missing or unreadable: nothing to keep
-    if cfg["REPLACE"]:
-        return
-    preset = saved.get("PER_DATASET", {}).get(saved.get("DATASET"), {})
-    today = {**{k: v for k, v in saved.items() if k not in LEGACY and (k, v) != ("ACTIVATION", "leaky_relu")},
-             **{k.upper(): v for k, v in preset.items()}, "SKIP_TRAINING": cfg["SKIP_TRAINING"]}
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = save_json(os.path.join(tmp, "saved.json"), {"config": today})
-        try:
-            check_replace(copy, cfg)
-        except UsageError as e:
-            raise UsageError(str(e).replace(copy, path)) from None
+    """lib.io.check_replace on a saved <dataset>.json; SKIP_TRAINING is not compared (measuring
+    the saved weights, whose training settings are checked, gives a full run's numbers)."""
+    check_replace(path, cfg, ignore=("SKIP_TRAINING",))
 
 
 def train(cfg, data, ckpt):
