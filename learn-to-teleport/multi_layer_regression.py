@@ -23,7 +23,6 @@ environment, test curves, diverged trajectories, meta-training histories) and me
 progress is saved in OUT_DIR/.progress/ and the same command resumes a stopped run. OUT_DIR: this
 script's folder (learn-to-teleport/) unless --out-dir is given; runs/quick with --quick.
 """
-import json
 import os
 import sys
 import time
@@ -384,14 +383,9 @@ def check(cfg):
 
 
 def check_protocol(path, cfg):
-    """lib.io.check_replace on the config as saved (tuples as JSON lists); TEST_ONLY and RETRAIN
-    are not other settings: they recompute the same protocol."""
-    saved = load_json(path).get("config", {}) if os.path.exists(path) else {}
-    if "GD_LR" in saved and not cfg["REPLACE"]:
-        raise UsageError(f"{path} was saved under older setting names (GD_LR, LR_SOURCE); --out-dir=DIR "
-                         "writes elsewhere, --replace replaces it")
-    check_replace(path, {**json.loads(json.dumps(cfg)), **{k: saved[k] for k in ("TEST_ONLY", "RETRAIN")
-                                                           if k in saved}})
+    """lib.io.check_replace; TEST_ONLY and RETRAIN are not other settings: they recompute the
+    same protocol."""
+    check_replace(path, cfg, ignore=("TEST_ONLY", "RETRAIN"))
 
 
 def run_method(m, cfg, act, ckpt, loaded, training):
