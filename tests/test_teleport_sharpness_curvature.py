@@ -2,7 +2,9 @@
 lib.arms' own tests cover the hook, the matched perturbation and the per-model resets; these
 check the script: its arms, its config and its outputs."""
 import json
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -10,9 +12,10 @@ import sys
 import pytest
 import torch
 
+import lib.train
 import teleport_sharpness_curvature as tsc
 from lib.arms import ArmHook, Moments, branch
-from lib.config import resolve, run
+from lib.config import UsageError, resolve, run
 from lib.data import synthetic, write_fake
 from lib.models import Activation
 from lib.train import fit, make_model
@@ -99,7 +102,7 @@ def test_plot_only_redraws_from_the_saved_json_and_leaves_it_alone(quick_run, tm
 
 def test_lr_reaches_the_run(data_dir, tmp_path):
     """--lr is what the training uses and records; without it the optimizer's preset."""
-    args = ["--arms=[]", "--n-runs=1", "--epochs=2", "--branch-epoch=1", "--optimizer=adagrad"]
+    args = ["--arms=[]", "--controls=False", "--n-runs=1", "--epochs=2", "--branch-epoch=1", "--optimizer=adagrad"]
     preset = tsc.main(_cfg(data_dir, tmp_path / "a", *args))
     given = tsc.main(_cfg(data_dir, tmp_path / "b", *args, "--lr=0.05"))
     saved = json.load(open(tmp_path / "b" / "results" / "generalization" / "MNIST_adagrad.json"))["config"]
@@ -117,9 +120,9 @@ def test_reset_only_without_reset_moments_is_bitwise_the_baseline(data_dir, tmp_
 
 
 def test_an_arm_does_not_depend_on_which_other_arms_run(data_dir, tmp_path):
-    both = tsc.main(_cfg(data_dir, tmp_path / "a", "--optimizer=adagrad", "--n-runs=1",
+    both = tsc.main(_cfg(data_dir, tmp_path / "a", "--optimizer=adagrad", "--n-runs=1", "--controls=False",
                          "--arms=['sharpness-decrease', 'curvature-increase']"))
-    alone = tsc.main(_cfg(data_dir, tmp_path / "b", "--optimizer=adagrad", "--n-runs=1",
+    alone = tsc.main(_cfg(data_dir, tmp_path / "b", "--optimizer=adagrad", "--n-runs=1", "--controls=False",
                           "--arms=['curvature-increase']"))
     for k in ("train_loss", "test_loss"):
         assert torch.allclose(torch.tensor(both["curves"]["curvature-increase"][k]),
@@ -132,7 +135,7 @@ def _teleport_once(arm, steps):
     """Teleport a briefly trained 784-16-10-10 model with the script's arms (baseline and `arm`)
     and measure phi and psi on a fixed batch with fixed directions and curves before and after."""
     from lib.metrics import random_directions, random_lie_elements
-    cfg = resolve(tsc, ["--dataset=MNIST", f"--arms=['{arm}']", "--n-runs=2", "--tele-batch-size=120",
+    cfg = resolve(tsc, ["--dataset=MNIST", f"--arms=['{arm}']", "--controls=False", "--n-runs=2", "--tele-batch-size=120",
                         f"--sharp-steps={steps}", f"--curv-steps={steps}", "--sharp-stop-above=100.0"])
     data = synthetic("MNIST", 120, 40, seed=1)
     W, opt = make_model([784, 16, 10, 10], [1, 2], "sgd", 0.02)
@@ -176,3 +179,146 @@ def test_bad_input_is_one_line_error(arg, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not os.listdir(tmp_path)  # nothing written
+
+
+# --- outputs as a set, resume, divergence ---------------------------------------------------------
+RESUME = ["--optimizer=adagrad", "--epochs=4", "--branch-epoch=2", "--checkpoint-s=0",
+          "--arms=['sharpness-decrease', 'curvature-increase']"]
+
+
+def _outputs(out):
+    """{relative path: bytes} of every file under out, the checkpoints' folder excepted."""
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(out) if ".progress" not in d for f in files}
+
+
+def _numbers(res):
+    """What a resumed run must reproduce: curves, records (without their timings), phi/psi."""
+    drop = lambda x: ({k: drop(v) for k, v in x.items() if k != "time_s"} if isinstance(x, dict)  # noqa: E731
+                      else [drop(v) for v in x] if isinstance(x, list) else x)
+    return drop({k: res[k] for k in ("curves", "records", "landscape", "diverged")})
+
+
+def _assert_close(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_close(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_close(x, y)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9, nan_ok=True)
+    else:
+        assert a == b
+
+
+@pytest.fixture(scope="module")
+def whole_run(data_dir, tmp_path_factory):
+    """An uninterrupted run (AdaGrad, two teleport arms with their controls, 2 + 2 epochs)."""
+    out = tmp_path_factory.mktemp("whole")
+    return out, tsc.main(_cfg(data_dir, out, *RESUME))
+
+
+@pytest.mark.parametrize("stop,saved", [(2, "phase1, epoch 1 of 2"), (4, "phase2, epoch 1 of 2")])
+def test_interrupted_run_resumes_to_the_same_numbers_and_keeps_the_previous_set(
+        whole_run, data_dir, tmp_path, monkeypatch, stop, saved):
+    """Ctrl-C (KeyboardInterrupt) in epoch `stop` of 4 (2: phase 1, 4: phase 2, after the
+    teleports): the previous outputs stay as they were; the same command resumes from the
+    checkpoint, trains only the epochs left and ends with the uninterrupted run's numbers."""
+    out = tmp_path / "out"
+    shutil.copytree(whole_run[0], out)  # the previous complete set, made with the same settings
+    before, calls, stops, train_epoch = _outputs(out), [], [stop], lib.train.train_epoch
+
+    def counted(*args, **kw):
+        calls.append(1)
+        if len(calls) in stops:
+            raise KeyboardInterrupt
+        return train_epoch(*args, **kw)
+    monkeypatch.setattr(lib.train, "train_epoch", counted)
+    with pytest.raises(KeyboardInterrupt):
+        tsc.main(_cfg(data_dir, out, *RESUME))
+    stops.clear()
+    assert _outputs(out) == before and not [p for p in os.listdir(out) if p.startswith(".staging")]
+    ckpt = out / ".progress" / "teleport_sharpness_curvature-MNIST_adagrad.pt"
+    assert torch.load(ckpt, weights_only=True)["what"] == saved
+    calls.clear()
+    again = tsc.main(_cfg(data_dir, out, *RESUME))
+    assert len(calls) == 4 - (stop - 1)  # only the epochs not saved
+    _assert_close(_numbers(again), _numbers(whole_run[1]))
+    assert not ckpt.exists() and _outputs(out).keys() == before.keys()
+
+
+def test_other_settings_do_not_replace_saved_results(quick_run, data_dir, capsys):
+    out, res, _ = quick_run
+    before = _outputs(out)
+    args = ["--quick", f"--data-dir={data_dir}", f"--out-dir={out}", "--optimizer=adagrad", *TINY]
+    with pytest.raises(SystemExit) as e:
+        run(tsc.main, vars(tsc), [*args, "--lr=0.05"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "LR=0.05 (saved: 0.01)" in err and "--replace" in err
+    assert _outputs(out) == before
+    tsc.check_saved(os.path.join(out, "results", "generalization", "MNIST_adagrad.json"),
+                    resolve(tsc, [*args, "--lr=0.05", "--replace"]))  # --replace: allowed
+
+
+def test_the_committed_protocol_may_replace_the_committed_results_and_nothing_else(tmp_path):
+    """The committed MNIST results (config saved by the older script, with names that are no
+    longer settings) count as made by `--dataset=MNIST` on the 4,000-image subset; other settings
+    or other data are refused, --replace allows them."""
+    from types import SimpleNamespace
+    path = tmp_path / "results" / "generalization" / "MNIST_sgd.json"
+    path.parent.mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "results", "generalization", "MNIST_sgd.json"), path)
+    subset, full = (SimpleNamespace(info={"n_train": n, "n_test": m}) for n, m in ((4000, 1000), (60000, 10000)))
+    cfg = resolve(tsc, ["--dataset=MNIST", f"--out-dir={tmp_path}"])
+    tsc.check_saved(str(path), cfg)
+    tsc.check_saved(str(path), cfg, subset)
+    with pytest.raises(UsageError, match=f"^{path} holds results made on 4000/1000 training/test images"):
+        tsc.check_saved(str(path), cfg, full)
+    with pytest.raises(UsageError, match=r"CONTROLS=False \(saved: True\)"):
+        tsc.check_saved(str(path), resolve(tsc, ["--dataset=MNIST", "--controls=False"]))
+    tsc.check_saved(str(path), resolve(tsc, ["--dataset=MNIST", "--controls=False", "--replace"]))
+    tsc.check_saved(str(path), {**cfg, "REPLACE": True}, full)
+
+
+def test_a_diverging_run_is_a_result(data_dir, tmp_path):
+    """At lr 1e6 every model turns non-finite in the first epoch: the teleports' linear algebra
+    fails (undone), phi/psi are NaN, and the run still writes strict JSON, figures and a table
+    that says which runs diverged and leaves them out of the means."""
+    res = tsc.main(_cfg(data_dir, tmp_path, "--lr=1e6", "--arms=['sharpness-increase', 'curvature-decrease']"))
+    names = ["baseline", "sharpness-increase", "curvature-decrease", "perturb-only (sharpness-increase)",
+             "perturb-only (curvature-decrease)"]
+    assert res["arms"] == names and res["diverged"] == {a: [1, 1] for a in names}
+    for arm in ("sharpness-increase", "curvature-decrease"):
+        assert all("error" in r and r["failed"] == [True, True] for r in res["records"][arm])
+    path = tmp_path / "results" / "generalization" / "MNIST_sgd.json"
+    saved = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+    assert saved["diverged"] == res["diverged"] and saved["landscape"]["branch"]["psi"] == [None, None]
+    assert all(r["n"] == 0 and math.isnan(r["test_loss"]) for r in res["summary"])
+    table = (tmp_path / "results" / "generalization" / "MNIST_sgd_table.md").read_text()
+    assert "| baseline (0 of 2 runs) | - ± - |" in table and "baseline run 1 at epoch 1, run 2 at epoch 1" in table
+    assert "Teleports undone" in table and "nan" not in table
+    for kind in ("sharpness", "curvature"):
+        assert (tmp_path / "figures" / "generalization" / f"MNIST_sgd_{kind}.png").stat().st_size > 10000
+
+
+def test_landscape_of_a_non_finite_model_is_nan_and_the_others_unchanged(monkeypatch):
+    from lib.metrics import psi, random_directions, random_lie_elements
+    data = synthetic("MNIST", 60, 20, seed=2)
+    W, _ = make_model([784, 8, 6, 10], [1, 2, 3], "sgd", 0.02)
+    g = torch.Generator().manual_seed(0)
+    ts, curves = [0.01, 0.02], [random_lie_elements(W, g)]
+    args = (data.x_train, data.y_train, ACT, ts, random_directions(W, 2, "sphere", g), curves)
+    good = tsc.landscape(W, *args)
+    with torch.no_grad():
+        W[1][1, 0, 0] = float("nan")
+        W[0][2] *= 1e30  # finite, absurd
+    # and psi's linear algebra failing on the absurd model (an SVD that does not converge)
+    failing = lambda W, *a: psi(W, *a) if W[0].abs().max() < 1e20 else torch.linalg.pinv(torch.full((2, 2), math.nan))  # noqa: E731
+    monkeypatch.setattr(tsc, "psi", failing)
+    bad = tsc.landscape(W, *args)
+    assert math.isnan(bad["phi"][1]) and math.isnan(bad["psi"][1]) and math.isnan(bad["psi"][2])
+    assert bad["phi"][2] > 1e20
+    assert bad["phi"][0] == pytest.approx(good["phi"][0], rel=1e-6) and bad["psi"][0] == pytest.approx(good["psi"][0], rel=1e-5)
