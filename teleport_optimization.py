@@ -48,7 +48,6 @@ teleport gain, divergence counts), figures/optimization/<DATASET>_<optimizer>_lo
 set replaces the previous one only when the run completes; progress is kept in OUT_DIR/.progress/.
 """
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -114,7 +113,6 @@ STYLES = {"reset-only": ("--", "o"), "random-teleport": ("-.", "s"),  # the cont
           "teleport-keep": (":", "^"), "teleport-transport": ((0, (6, 2, 1, 2, 1, 2)), "v")}
 ACT = Activation(0.1)  # LeakyReLU(0.1), the paper's
 GUARD = float("inf")  # lib.arms guard: undo only moves that fail (LinAlgError, non-finite), whatever the loss change
-LEGACY = ("FIGURE", "DATASETS", "OPTIMIZER_SETTINGS")  # names in configs saved by the older combined script
 
 
 def declare_arms(ocfg):
@@ -362,25 +360,9 @@ def saved_config(cfg):
     return {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
 
 
-def check_saved(path, config, opt=None):
-    """lib.io.check_replace (results of other settings are not replaced without --replace), a
-    config saved by the older combined script (FIGURE, F12_*, OPTIMIZER_SETTINGS) read in
-    today's names."""
-    try:
-        saved = load_json(path)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return check_replace(path, config)  # missing or unreadable: nothing to keep
-    if "OPTIMIZER_SETTINGS" not in saved:
-        return check_replace(path, config)
-    today = {k: v for k, v in saved.items() if k not in LEGACY and not k.startswith("F12_")}
-    if opt is not None:
-        today.update({k.upper(): v for k, v in saved["OPTIMIZER_SETTINGS"][opt].items()})
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = save_json(os.path.join(tmp, os.path.basename(path)), {"config": today})
-        try:
-            check_replace(copy, config)
-        except UsageError as e:
-            raise UsageError(str(e).replace(copy, path)) from None
+def check_saved(path, config):
+    """lib.io.check_replace: results of other settings are not replaced without --replace."""
+    check_replace(path, config)
 
 
 def check_data(path, data, cfg):
@@ -410,7 +392,7 @@ def main(cfg):
         configs = {opt: with_preset(cfg, PRESETS, "OPTIMIZER", opt) for opt in opts}
         run_cfg = saved_config(cfg)
         for opt in opts:
-            check_saved(path(opt), saved_config(configs[opt]), opt)
+            check_saved(path(opt), saved_config(configs[opt]))
         check_saved(path("summary"), run_cfg)
         data = load(tag, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
         print(f"{data.label}: {len(data.y_train)} training, {len(data.y_test)} test images")
@@ -425,7 +407,7 @@ def main(cfg):
         for opt, s in saved.items():
             if not cfg["PLOT_ONLY"]:
                 save_json(os.path.join(res_dir, f"{tag}_{opt}.json"), s)
-            label = s["data"]["label"] if "data" in s else f"{tag} ({s['n_train']:,} train)"  # older files
+            label = s["data"]["label"]
             n_runs = len(next(iter(s["arms"].values()))["train_loss"][0])
             plot_optimizer(s["arms"], f"{label}, {opt}: mean over {n_runs} runs (band: ±1 std)",
                            os.path.join(fig_dir, f"{tag}_{opt}"))

@@ -33,14 +33,13 @@ replace the previous ones only when all are written; results made with other set
 replaced without --replace (--out-dir=DIR writes elsewhere).
 """
 import os
-import tempfile
 
 import numpy as np
 import torch
 
 from lib.actions import GLAction
 from lib.config import UsageError, check_positive, run, with_preset
-from lib.io import check_replace, environment, experiment_dirs, load_json, load_results, relative, save_json, staged
+from lib.io import check_replace, environment, experiment_dirs, load_results, relative, save_json, staged
 from lib.metrics import adagrad_preconditioner, grad_norm_sq
 from lib.models import Activation, loss_fn
 from lib.optim import make_optimizer
@@ -73,10 +72,6 @@ PALETTE = {"no teleport": COLORS["baseline"], "reset": COLORS["teleport"], "keep
            "transport": COLORS["teleport-transport"], "||grad L||^2": COLORS["teleport"],
            "||grad L||_A^2": COLORS["teleport-transport"]}
 DASHED = ("keep", "||grad L||_A^2")  # dashed, so that the curves they nearly cover stay visible
-LEGACY = {"EPOCHS": "F12_EPOCHS", "RUNS": "F12_RUNS", "TELE_EPOCH": "F12_TELE_EPOCH", "TELE_STEPS": "F12_TELE_STEPS",
-          "ANORM_TELE_LR": "F12_ANORM_TELE_LR"}  # today's names of the older combined script's settings
-LEGACY_LRS = {"momentum": ("F12_MOMENTUM_LR", "F12_MOMENTUM_TELE_LR"),  # the older script's LR and TELE_LR
-              "adagrad": ("F12_ADAGRAD_LR", "F12_GRAD_TELE_LR")}
 LEGEND = {"||grad L||^2": r"max $\|\nabla L\|^2$", "||grad L||_A^2": r"max $\|\nabla L\|_A^2$"}
 
 
@@ -197,25 +192,8 @@ def run_all(cfg, configs):
 
 
 def check_saved(path, cfg):
-    """lib.io.check_replace (results of other settings are not replaced without --replace), a
-    config saved by the older combined script (F12_* names) read in today's names."""
-    if cfg["REPLACE"]:
-        return
-    try:
-        saved = load_json(path)["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return check_replace(path, cfg)  # missing or unreadable: nothing to keep
-    if "F12_EPOCHS" not in saved:
-        return check_replace(path, cfg)
-    lrs = {opt: [saved[k] for k in keys] for opt, keys in LEGACY_LRS.items()}
-    same = all(lrs[opt] == [PRESETS["OPTIMIZER"][opt][k] for k in ("LR", "TELE_LR")] for opt in lrs)
-    today = {**{k: saved[old] for k, old in LEGACY.items()}, "LR": None if same else lrs, "TELE_LR": None}
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = save_json(os.path.join(tmp, os.path.basename(path)), {"config": today})
-        try:
-            check_replace(copy, cfg)
-        except UsageError as e:
-            raise UsageError(str(e).replace(copy, path)) from None
+    """lib.io.check_replace: results of other settings are not replaced without --replace."""
+    check_replace(path, cfg)
 
 
 def main(cfg):
@@ -229,7 +207,7 @@ def main(cfg):
         check_saved(path, {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"])})
         saved = run_all(cfg, configs)
     c = saved["config"]
-    tele_epoch = c["TELE_EPOCH"] if "TELE_EPOCH" in c else c["F12_TELE_EPOCH"]  # older files: F12_ names
+    tele_epoch = c["TELE_EPOCH"]
     n = len(saved["momentum"]["no teleport"])
     problem_text = f"5-6-7-8 MLP, 4 random points; mean ± std over {n} repeats"
     with staged(cfg["OUT_DIR"]) as out:  # the outputs replace the previous ones only when all are written

@@ -98,15 +98,14 @@ def test_plot_only_redraws_from_saved_results(quick_run, tmp_path):
 
 
 def test_plot_only_copes_with_the_committed_results(tmp_path, capsys):
-    """The committed files were saved before the presets (their configs hold OPTIMIZER_SETTINGS,
-    F12_* names, no data record): --plot-only still redraws them, into a copy, and leaves every
-    results file as it was (the summary is printed, not rewritten)."""
+    """--plot-only redraws the committed results, into a copy, and leaves every results file as
+    it was (the summary is printed, not rewritten)."""
     res = tmp_path / "results" / "optimization"
     res.mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "results", "optimization", "MNIST_momentum.json"), res)
     before = (res / "MNIST_momentum.json").read_bytes()
     saved = json.loads(before)
-    assert "OPTIMIZER_SETTINGS" in saved["config"] and "data" not in saved
+    assert saved["config"]["LR"] == 1e-3 and saved["data"]["n_train"] == 4000
     run(script.main, vars(script), argv=["--plot-only", f"--out-dir={tmp_path}", "--optimizers-run=['momentum']",
                                          "--progress=False"])
     assert (tmp_path / "figures" / "optimization" / "MNIST_momentum_loss_vs_time.png").stat().st_size > 1000
@@ -116,21 +115,21 @@ def test_plot_only_copes_with_the_committed_results(tmp_path, capsys):
 
 
 def test_defaults_are_the_committed_protocol():
-    """The plain command's settings are those of the committed 6-arm results (configs saved by
-    the older script read in today's names); other settings are refused, naming the difference."""
+    """The plain command's settings are those of the committed 6-arm results; other settings are
+    refused, naming the difference."""
     cfg = resolve(script, [])
     assert cfg["CONTROLS"] and cfg["OPTIMIZERS_RUN"] == ["adagrad", "momentum", "rmsprop", "adam"]
     committed = os.path.join(ROOT, "results", "optimization", "MNIST_{}.json")
     for opt in cfg["OPTIMIZERS_RUN"]:
-        script.check_saved(committed.format(opt), script.saved_config(with_preset(cfg, script.PRESETS, "OPTIMIZER", opt)), opt)
+        script.check_saved(committed.format(opt), script.saved_config(with_preset(cfg, script.PRESETS, "OPTIMIZER", opt)))
     script.check_saved(committed.format("summary"), script.saved_config(cfg))
     for args, diff in ((["--controls=False"], "CONTROLS=False"), (["--lr=0.05"], "LR=0.05"), (["--epochs=3"], "EPOCHS=3")):
         other = resolve(script, args)
         with pytest.raises(UsageError, match=diff):
             script.check_saved(committed.format("adam"), script.saved_config(
-                with_preset(other, script.PRESETS, "OPTIMIZER", "adam")), "adam")
+                with_preset(other, script.PRESETS, "OPTIMIZER", "adam")))
     script.check_saved(committed.format("adam"), {**script.saved_config(resolve(script, ["--epochs=3"])),
-                                                  "REPLACE": True}, "adam")
+                                                  "REPLACE": True})
 
 
 def test_other_settings_or_data_do_not_replace_saved_results(tmp_path, capsys):

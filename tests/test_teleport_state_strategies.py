@@ -71,14 +71,14 @@ def test_lr_overrides_both_presets_and_reaches_the_optimizer(monkeypatch, tmp_pa
 
 
 def test_plot_only_copes_with_the_committed_results(tmp_path):
-    """The committed file was saved by the older combined script (F12_* names, non-finite values
-    as NaN): --plot-only redraws it, into a copy, and leaves it byte for byte as it was."""
+    """--plot-only redraws the committed results (non-finite values saved as null), into a copy,
+    and leaves them byte for byte as they were."""
     res = tmp_path / "results" / "optimization"
     res.mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "results", "optimization", "figure12.json"), res)
     before = (res / "figure12.json").read_bytes()
     saved = script.main(resolve(script, ["--plot-only", f"--out-dir={tmp_path}"]))
-    assert "F12_TELE_EPOCH" in saved["config"]
+    assert saved["config"]["TELE_EPOCH"] == 5 and "null" in (res / "figure12.json").read_text()
     for name in ("momentum_strategies.png", "adagrad_objectives.png"):
         assert (tmp_path / "figures" / "optimization" / name).stat().st_size > 1000
     assert (res / "figure12.json").read_bytes() == before and [p.name for p in res.iterdir()] == ["figure12.json"]
