@@ -193,6 +193,9 @@ class ArmHook:
             if tangents:
                 tangents = [[keep(b[sl], t) for b, t in zip(bufs, tangents[0])]]
             r["failed"] = bad.tolist()
+            if "loss_before" not in r:  # the move failed as a whole: no drift, for the arms matching it
+                with torch.no_grad():
+                    r["loss_before"] = r["loss_after"] = loss_fn(Ws, X, Y, self.act).tolist()
         with torch.no_grad():
             for w, v in zip(self.W, new):
                 w[sl] = v

@@ -46,11 +46,12 @@ def environment():
     versions of python and the packages, platform, GPU, threads."""
     import numpy
     import torch
+    from importlib import metadata
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     for name in ("torchvision", "scipy", "matplotlib"):
         try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
+            versions[name] = metadata.version(name)  # without importing it (torchvision: seconds)
+        except metadata.PackageNotFoundError:
             versions[name] = None
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -157,9 +158,12 @@ def check_replace(path, cfg, ignore=()):
     """Refuse (one line) to replace a results file made with other settings, unless REPLACE:
     only a run of the same protocol replaces saved results. Plumbing settings (and `ignore`:
     modes that recompute the same protocol, e.g. from saved weights) are not compared."""
+    from lib.config import QUICK_OUT_DIR
     from lib.progress import PLUMBING
     if cfg.get("REPLACE") or not os.path.exists(path):
         return
+    if cfg.get("QUICK") and os.path.normpath(str(cfg.get("OUT_DIR"))) == QUICK_OUT_DIR:
+        return  # quick runs in runs/quick/ are throwaway smoke runs: any settings replace them
     try:
         saved = load_json(path).get("config", {})
     except (OSError, ValueError):

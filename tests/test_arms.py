@@ -138,3 +138,21 @@ def test_per_model_reset_equals_a_fresh_optimizer_and_adam_refuses():
 def test_bad_arm_declarations_are_one_line_errors(kw, match):
     with pytest.raises(UsageError, match=match):
         Arm("x", **kw)
+
+
+def test_a_failed_guarded_teleport_is_undone_and_its_perturb_control_matches_zero_drift():
+    data = data64()
+    W, opt = model(2)
+
+    def broken(W, X, Y):
+        raise torch.linalg.LinAlgError("pinv failed")
+    tele = Arm("teleport", "teleport", "reset", guard=float("inf"),
+               teleport=dict(objective=broken, action=GLAction(46), steps=1, lr=0.1))
+    before = [w.detach().clone() for w in W]
+    hook = ArmHook(W, opt, data, ACT, [tele, Arm("perturb", "perturb", "reset", match="teleport", seed=3)],
+                   Moments((0,), 1, 20, 7))
+    hook(0, 0)
+    rec, pert = hook.records["teleport"][0], hook.records["perturb"][0]
+    assert rec["failed"] == [True, True] and "pinv failed" in rec["error"]
+    assert rec["loss_before"] == rec["loss_after"] and pert["matched_median_drift"] == 0.0
+    assert all(torch.equal(a[:2], b.detach()[:2]) for a, b in zip(before, W))  # the teleport slice: unmoved
