@@ -56,7 +56,7 @@ from lib.actions import GLAction
 from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run, with_preset
 from lib.data import load
-from lib.io import (check_replace, environment, experiment_dirs, load_json, load_results, relative, save_json,
+from lib.io import (check_replace, environment, experiment_dirs, load_results, relative, save_json,
                     save_text, staged)
 from lib.models import Activation
 from lib.plots import COLORS, plot_mean_std, save_figure
@@ -360,25 +360,6 @@ def saved_config(cfg):
     return {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
 
 
-def check_saved(path, config):
-    """lib.io.check_replace: results of other settings are not replaced without --replace."""
-    check_replace(path, config)
-
-
-def check_data(path, data, cfg):
-    """Results made on other data (e.g. the full MNIST, not the 4,000-image subset) are not
-    replaced silently either."""
-    try:
-        saved = load_json(path)
-        n = saved.get("data", saved)["n_train"], saved.get("data", saved)["n_test"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if not cfg["REPLACE"] and n != (len(data.y_train), len(data.y_test)):
-        raise UsageError(f"{path} holds results made on {n[0]:,}/{n[1]:,} training/test images, this run has "
-                         f"{len(data.y_train):,}/{len(data.y_test):,}; --out-dir=DIR writes elsewhere, --replace "
-                         f"replaces them")
-
-
 def main(cfg):
     names = check(cfg)
     if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -392,12 +373,12 @@ def main(cfg):
         configs = {opt: with_preset(cfg, PRESETS, "OPTIMIZER", opt) for opt in opts}
         run_cfg = saved_config(cfg)
         for opt in opts:
-            check_saved(path(opt), saved_config(configs[opt]))
-        check_saved(path("summary"), run_cfg)
+            check_replace(path(opt), saved_config(configs[opt]))
+        check_replace(path("summary"), run_cfg)
         data = load(tag, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
         print(f"{data.label}: {len(data.y_train)} training, {len(data.y_test)} test images")
         for opt in opts:
-            check_data(path(opt), data, cfg)
+            check_replace(path(opt), saved_config(configs[opt]), data=data)
         ckpt = Checkpoint(cfg, f"teleport_optimization-{tag}")
         saved = {opt: {"config": saved_config(ocfg), "environment": environment(), "optimizer": opt,
                        "data": {**data.info, "label": data.label}, "arms": run_optimizer(ocfg, data, opt, names, ckpt)}

@@ -52,7 +52,6 @@ teleport), and under AdaGrad every teleport arm is indistinguishable from reset-
 sharpness increase, which matches its perturb-only control.
 """
 import os
-import tempfile
 
 import matplotlib
 matplotlib.use("Agg")
@@ -64,7 +63,7 @@ from lib.actions import GLAction  # noqa: E402
 from lib.arms import Arm, ArmHook, Moments, branch  # noqa: E402
 from lib.config import UsageError, check_choice, check_positive, run  # noqa: E402
 from lib.data import load  # noqa: E402
-from lib.io import (check_replace, environment, load_json, load_results, relative, save_json, save_text,  # noqa: E402
+from lib.io import (check_replace, environment, load_results, relative, save_json, save_text,  # noqa: E402
                     staged)
 from lib.metrics import psi, random_directions, random_lie_elements, sharpness  # noqa: E402
 from lib.models import activation, loss_fn  # noqa: E402
@@ -124,7 +123,6 @@ QUICK_SETTINGS = {"DATASET": "MNIST", "EPOCHS": 3, "BRANCH_EPOCH": 1, "N_RUNS": 
                   "TELE_BATCH_SIZE": 100, "SHARP_STEPS": 2, "EVAL_BATCH_SIZE": 100, "EVAL_CURVES": 2,
                   "SHARP_STOP_ABOVE": 10.0}  # SGD: phi ~2.3 after one epoch, above 2: let the sharpness teleports act
 # names in configs saved by the older script; their values are in HIDDEN, SHARP_LR, CURV_LR and LR
-LEGACY = ("DATASET_DEFAULTS", "OPTIMIZER_LR", "TELEPORT_ARMS", "EXPERIMENT", "STYLE")
 TELEPORT_ARMS = ("sharpness-increase", "sharpness-decrease", "curvature-increase", "curvature-decrease")
 # per arm of a figure: legend, colour, marker (test loss solid, train dashed); teleport arms drawn last, on top
 FIGURE_ARMS = [("perturb-only ({kind}-decrease)", "perturb-only (decrease)", "#17becf", "v"),
@@ -154,31 +152,6 @@ def check(cfg):
         raise UsageError(f"--sharp-ts must be [start, stop, step] with step > 0, got {cfg['SHARP_TS']}")
     if not 0 <= cfg["BRANCH_EPOCH"] < cfg["EPOCHS"]:
         raise UsageError(f"branch_epoch must be in [0, epochs), got {cfg['BRANCH_EPOCH']}")
-
-
-def check_saved(path, cfg, data=None):
-    """Saved results made with other settings (lib.io.check_replace; a config of the older script
-    read without its LEGACY names) or, given `data`, on other data (e.g. the full MNIST, not the
-    4,000-image subset) are not replaced without --replace: one-line UsageError."""
-    try:
-        saved = load_json(path)
-    except (OSError, ValueError):
-        return  # missing or unreadable: nothing to keep
-    if data is not None:
-        was = saved.get("data", saved)  # older results hold n_train, n_test at the top level
-        sizes = ("n_train", "n_test")
-        if not cfg["REPLACE"] and [was.get(k) for k in sizes] != [data.info[k] for k in sizes]:
-            raise UsageError(f"{path} holds results made on {was.get('n_train')}/{was.get('n_test')} training/test "
-                             f"images, this run has {data.info['n_train']}/{data.info['n_test']}; --out-dir=DIR "
-                             f"writes elsewhere, --replace replaces them")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = save_json(os.path.join(tmp, "saved.json"),
-                         {"config": {k: v for k, v in saved.get("config", {}).items() if k not in LEGACY}})
-        try:
-            check_replace(copy, cfg)
-        except UsageError as e:
-            raise UsageError(str(e).replace(copy, path)) from None
 
 
 def displacements(cfg):
@@ -417,12 +390,12 @@ def main(cfg):
         res = load_results(json_path)
         res["summary"] = summary(res)
     else:
-        check_saved(json_path, cfg)
+        check_replace(json_path, cfg)
         if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)  # small batched MLPs: one thread is fastest (two stall each other on busy cores)
         torch.manual_seed(cfg["TELEPORT_SEED"])
         data = load(cfg["DATASET"], cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"])
-        check_saved(json_path, cfg, data)
+        check_replace(json_path, cfg, data=data)
         saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
         ckpt = Checkpoint(cfg, f"teleport_sharpness_curvature-{stem}")
         res = {"config": saved, "environment": environment(), "data": data.info, "label": data.label,

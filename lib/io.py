@@ -154,10 +154,12 @@ def staged(root):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def check_replace(path, cfg, ignore=()):
+def check_replace(path, cfg, ignore=(), data=None):
     """Refuse (one line) to replace a results file made with other settings, unless REPLACE:
     only a run of the same protocol replaces saved results. Plumbing settings (and `ignore`:
-    modes that recompute the same protocol, e.g. from saved weights) are not compared."""
+    modes that recompute the same protocol, e.g. from saved weights) are not compared; given
+    `data` (lib.data.Data), results made on other data sizes (the full MNIST against the
+    bundled subset) are refused too."""
     from lib.config import QUICK_OUT_DIR
     from lib.progress import PLUMBING
     if cfg.get("REPLACE") or not os.path.exists(path):
@@ -165,9 +167,16 @@ def check_replace(path, cfg, ignore=()):
     if cfg.get("QUICK") and os.path.normpath(str(cfg.get("OUT_DIR"))) == QUICK_OUT_DIR:
         return  # quick runs in runs/quick/ are throwaway smoke runs: any settings replace them
     try:
-        saved = load_json(path).get("config", {})
-    except (OSError, ValueError):
+        whole = load_json(path)
+        saved = whole.get("config", {})
+    except (OSError, ValueError, AttributeError):
         return  # unreadable: nothing worth keeping
+    was = whole.get("data") or {}
+    if data is not None and [was.get(k) for k in ("n_train", "n_test")] != [data.info["n_train"], data.info["n_test"]]:
+        if "n_train" in was:
+            raise UsageError(f"{path} holds results made on {was['n_train']:,}/{was['n_test']:,} training/test "
+                             f"images, this run has {data.info['n_train']:,}/{data.info['n_test']:,}; --out-dir=DIR "
+                             f"writes elsewhere, --replace replaces them")
     cfg = _clean(cfg)  # as it would be saved: tuples as lists, non-finite floats as null
     diff = sorted(k for k in set(saved) | set(cfg)
                   if k not in PLUMBING and k not in ignore and saved.get(k) != cfg.get(k))

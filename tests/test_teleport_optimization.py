@@ -9,6 +9,8 @@ import shutil
 import sys
 
 import pytest
+
+from lib.io import check_replace
 import torch
 
 import lib.progress
@@ -121,14 +123,14 @@ def test_defaults_are_the_committed_protocol():
     assert cfg["CONTROLS"] and cfg["OPTIMIZERS_RUN"] == ["adagrad", "momentum", "rmsprop", "adam"]
     committed = os.path.join(ROOT, "results", "optimization", "MNIST_{}.json")
     for opt in cfg["OPTIMIZERS_RUN"]:
-        script.check_saved(committed.format(opt), script.saved_config(with_preset(cfg, script.PRESETS, "OPTIMIZER", opt)))
-    script.check_saved(committed.format("summary"), script.saved_config(cfg))
+        check_replace(committed.format(opt), script.saved_config(with_preset(cfg, script.PRESETS, "OPTIMIZER", opt)))
+    check_replace(committed.format("summary"), script.saved_config(cfg))
     for args, diff in ((["--controls=False"], "CONTROLS=False"), (["--lr=0.05"], "LR=0.05"), (["--epochs=3"], "EPOCHS=3")):
         other = resolve(script, args)
         with pytest.raises(UsageError, match=diff):
-            script.check_saved(committed.format("adam"), script.saved_config(
+            check_replace(committed.format("adam"), script.saved_config(
                 with_preset(other, script.PRESETS, "OPTIMIZER", "adam")))
-    script.check_saved(committed.format("adam"), {**script.saved_config(resolve(script, ["--epochs=3"])),
+    check_replace(committed.format("adam"), {**script.saved_config(resolve(script, ["--epochs=3"])),
                                                   "REPLACE": True})
 
 

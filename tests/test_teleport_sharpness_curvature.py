@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+
+from lib.io import check_replace
 import torch
 
 import lib.train
@@ -259,28 +261,27 @@ def test_other_settings_do_not_replace_saved_results(quick_run, data_dir, capsys
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "LR=0.05 (saved: 0.01)" in err and "--replace" in err
     assert _outputs(out) == before
-    tsc.check_saved(os.path.join(out, "results", "generalization", "MNIST_adagrad.json"),
-                    resolve(tsc, [*args, "--lr=0.05", "--replace"]))  # --replace: allowed
+    check_replace(os.path.join(out, "results", "generalization", "MNIST_adagrad.json"),
+                  resolve(tsc, [*args, "--lr=0.05", "--replace"]))  # --replace: allowed
 
 
 def test_the_committed_protocol_may_replace_the_committed_results_and_nothing_else(tmp_path):
-    """The committed MNIST results (config saved by the older script, with names that are no
-    longer settings) count as made by `--dataset=MNIST` on the 4,000-image subset; other settings
-    or other data are refused, --replace allows them."""
+    """The committed MNIST results count as made by `--dataset=MNIST` on the 4,000-image subset;
+    other settings or other data are refused, --replace allows them."""
     from types import SimpleNamespace
     path = tmp_path / "results" / "generalization" / "MNIST_sgd.json"
     path.parent.mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "results", "generalization", "MNIST_sgd.json"), path)
     subset, full = (SimpleNamespace(info={"n_train": n, "n_test": m}) for n, m in ((4000, 1000), (60000, 10000)))
     cfg = resolve(tsc, ["--dataset=MNIST", f"--out-dir={tmp_path}"])
-    tsc.check_saved(str(path), cfg)
-    tsc.check_saved(str(path), cfg, subset)
-    with pytest.raises(UsageError, match=f"^{path} holds results made on 4000/1000 training/test images"):
-        tsc.check_saved(str(path), cfg, full)
+    check_replace(str(path), cfg)
+    check_replace(str(path), cfg, data=subset)
+    with pytest.raises(UsageError, match=f"^{path} holds results made on 4,000/1,000 training/test images"):
+        check_replace(str(path), cfg, data=full)
     with pytest.raises(UsageError, match=r"CONTROLS=False \(saved: True\)"):
-        tsc.check_saved(str(path), resolve(tsc, ["--dataset=MNIST", "--controls=False"]))
-    tsc.check_saved(str(path), resolve(tsc, ["--dataset=MNIST", "--controls=False", "--replace"]))
-    tsc.check_saved(str(path), {**cfg, "REPLACE": True}, full)
+        check_replace(str(path), resolve(tsc, ["--dataset=MNIST", "--controls=False"]))
+    check_replace(str(path), resolve(tsc, ["--dataset=MNIST", "--controls=False", "--replace"]))
+    check_replace(str(path), {**cfg, "REPLACE": True}, data=full)
 
 
 def test_a_diverging_run_is_a_result(data_dir, tmp_path):
