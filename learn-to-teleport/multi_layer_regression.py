@@ -1,27 +1,27 @@
 """Figure 6 (Section 5.2, Algorithm 1): meta-optimizers that learn both the local update and
 the teleportation, on a two-layer regression L(W1, W2) = 0.5 ||Y - W2 s(W1 X)||^2.
 
-    python learn-to-teleport/multi_layer_regression.py   # train, test, plot (--quick: < 1 min)
-    --test-only reloads the saved LSTMs, --plot-only redraws from the JSON
+    python learn-to-teleport/multi_layer_regression.py  # --quick: < 1 min; --test-only; --plot-only
 
-Four methods on 5 unseen trajectories: GD (--lr=3e-4), LSTM(update), LSTM(lr,tele) and
-LSTM(update,tele), w <- g_t . (w + f_t) with g_t = I + T_t acting by eq. (54). CPU runtime of
-the committed default run (one thread, 2 cores shared with ~5 other jobs): ~37 min, ~1 s of CPU
-per trajectory (LSTM(update,tele) 700 trajectories in 1452 s, LSTM(update) 600 in 719 s,
-LSTM(lr,tele) 30 in 5 s); --batch=5 (5x fewer Adam steps): ~10-25 min; --quick: ~10 s of CPU.
-Headline (mean +- std of 5 test trajectories, loss after 30 steps): LSTM(update,tele) 17.4 +- 1.0,
-LSTM(update) 29.8 +- 24, GD 41 +- 10; but LSTM(update,tele) with its teleport switched off at
-test time gives the same 17.5 +- 1.0: the gain sits in the co-trained update LSTM, not in the
-teleports. LSTM(lr,tele) with the authors' hard clamp collapses to the 1e-7 step (4.3e5);
---eta-param=sigmoid keeps it alive (then it is GD-like). The choices (full-vector LSTMs, gradients
-as constants, the loss's factor 0.5, Adam lrs, exact g^-1) are stated where they are made.
+GD (--lr=3e-4) and the LSTMs of _meta.py, LSTM(update), LSTM(lr,tele), LSTM(update,tele) (w <-
+g_t . (w + f_t), g_t = I + T_t by eq. 54), meta-trained on 600, 30, 700 trajectories, tested on 5
+unseen ones. Committed run on a CPU (one thread, 2 shared cores): ~37 min, ~1 s of CPU per
+trajectory; --batch=5: ~10-25 min. Loss after 30 steps: LSTM(update,tele) 17.4 +- 1.0, LSTM(update)
+29.8 +- 24, GD 41 +- 10; but LSTM(update,tele) with its teleport switched off at test time gives the
+same 17.5 +- 1.0: the gain sits in the co-trained update LSTM, not in the teleports. LSTM(lr,tele)
+sticks at the 1e-7 step under the authors' hard clamp (4.3e5); --eta-param=sigmoid keeps it alive.
+Choices (each stated again where it is made):
+- each LSTM reads the whole gradient as one vector, as the authors' code (per coordinate: ~800x);
+- the gradients enter the LSTMs as constants (no second derivatives), as the authors' code;
+- the loss has the authors' factor 0.5 (the paper's ||.||^2 lacks it); GD's 3e-4 is tuned with it;
+- Adam lrs 1e-3 (m1), 1e-4 (m2) as the authors' code, which made Figure 6 (the paper swaps them);
+- g^-1 is exact (torch.linalg.inv); --inverse=neumann gives the authors' W2 (I - T).
 
-Outputs: OUT_DIR/figures/multi_layer_loss.png, multi_layer_loss_vs_time.png (the teleport-off
-control dashed), multi_layer_meta_training.png; OUT_DIR/results/multi_layer_regression.json (config,
-environment, test curves, diverged trajectories, meta-training histories) and meta_opt_<method>.pt
-(the LSTMs as plain tensors, read by --test-only), moved into place together when the run completes;
-progress is saved in OUT_DIR/.progress/ and the same command resumes a stopped run. OUT_DIR: this
-script's folder (learn-to-teleport/) unless --out-dir is given; runs/quick with --quick.
+Outputs: OUT_DIR/figures/multi_layer_loss.png, multi_layer_loss_vs_time.png (teleport-off control
+dashed), multi_layer_meta_training.png; OUT_DIR/results/multi_layer_regression.json (config,
+environment, test curves, diverged trajectories, meta-training histories), meta_opt_<method>.pt (the
+LSTMs as plain tensors, for --test-only): a set, moved into place when the run completes; progress
+in OUT_DIR/.progress/ (the same command resumes). OUT_DIR: learn-to-teleport/; --quick: runs/quick.
 """
 import os
 import sys
@@ -29,15 +29,14 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lib.actions import GLAction  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # lib/, and _meta.py beside this script
+from _meta import MetaLSTM, flat_state, load_nets, train, update  # noqa: E402
 from lib.config import UsageError, check_choice, check_positive, run  # noqa: E402
 from lib.io import (check_replace, environment, load_json, load_results, load_tensors, relative,  # noqa: E402
                     save_json, save_tensors, staged)
-from lib.models import Activation, loss_and_grads, loss_fn  # noqa: E402
+from lib.models import Activation, loss_and_grads  # noqa: E402
 from lib.plots import BASELINE, TELEPORT, plot_mean_std, save_figure  # noqa: E402
 from lib.progress import Checkpoint  # noqa: E402
 from lib.report import diverged, finite_stats, markdown_table  # noqa: E402
@@ -88,7 +87,6 @@ PRESETS = {"PAPER_META_LRS": {False: {"M1_LR": 1e-3, "M2_LR": 1e-4}, True: {"M1_
 QUICK_SETTINGS = {"STEPS": 10, "UNROLL": 5, "TEST_STEPS": 30, "HIDDEN": 16, "LR_TELE_HIDDEN": 8,
                   "N_TRAIN_UPDATE_TELE": 3, "N_TRAIN_UPDATE": 3, "N_TRAIN_LR_TELE": 2, "N_TEST": 2}
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("gd", "lr_tele", "update", "update_tele")
 LABELS = {"gd": "GD", "lr_tele": "LSTM(lr,tele)", "update": "LSTM(update)",
           "update_tele": "LSTM(update,tele)", "update_tele_off": "LSTM(update,tele), teleport off"}
@@ -99,70 +97,36 @@ N_TRAIN = {"lr_tele": "N_TRAIN_LR_TELE", "update": "N_TRAIN_UPDATE", "update_tel
 JSON_NAME = "multi_layer_regression.json"
 
 
-class MetaLSTM(nn.Module):
-    """Two stacked torch.nn.LSTMCell over the whole flattened gradient (800 numbers as one
-    input vector; one time step per optimizer step), with linear heads, as the authors' lstm.py:
-    a coordinate-wise LSTM would cost ~800x more per step on a CPU. (LSTMCell, not nn.LSTM: on a
-    CPU nn.LSTM's one-step mkldnn backward is ~5x slower.)
-    x: (K, n_in) -> {head: (K, out)}; state (h, c): (2, K, hidden) each."""
-
-    def __init__(self, n_in, hidden, heads):
-        super().__init__()
-        self.hidden = hidden
-        self.cells = nn.ModuleList([nn.LSTMCell(n_in, hidden), nn.LSTMCell(hidden, hidden)])
-        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in heads.items()})
-
-    def forward(self, x, state):
-        new = []
-        for cell, h, c in zip(self.cells, *state):
-            x, c = cell(x, (h, c))
-            new.append((x, c))
-        return {k: head(x) for k, head in self.heads.items()}, tuple(torch.stack(s) for s in zip(*new))
-
-    def zero_state(self, K, like):
-        return tuple(torch.zeros(2, K, self.hidden, dtype=like.dtype, device=like.device) for _ in "hc")
-
-
-def make_nets(method, cfg):
-    """The meta-optimizers of a method: m1 (update f_t), m2 (Lie-algebra element T_t),
-    or for LSTM(lr,tele) one LSTM with heads T_t and the step size (Section 5.2)."""
-    d, n = cfg["WIDTH"], 2 * cfg["WIDTH"] ** 2
-    torch.manual_seed(cfg["INIT_SEED"])
-    nets = {}
-    if method in ("update", "update_tele"):
-        nets["m1"] = MetaLSTM(n, cfg["HIDDEN"], {"f": n})
-    if method == "update_tele":
-        nets["m2"] = MetaLSTM(n, cfg["HIDDEN"], {"T": d * d})
-    if method == "lr_tele":
-        nets["m2"] = MetaLSTM(n, cfg["LR_TELE_HIDDEN"], {"T": d * d, "eta": 1})
-        if cfg["ETA_INIT"] is not None:
-            # torch's random init puts eta at a clamp bound (5e-3 diverges, 1e-7 has no gradient
-            # through the clamp); start at GD's step instead (not in the authors' code)
-            lo, hi = cfg["STEP_CLAMP"]
-            p = (cfg["ETA_INIT"] - lo) / (hi - lo)
-            with torch.no_grad():
-                nets["m2"].heads["eta"].weight.zero_()
-                nets["m2"].heads["eta"].bias.fill_(cfg["ETA_INIT"] if cfg["ETA_PARAM"] == "clamp"
-                                                   else float(np.log(p / (1 - p))))
-    return {k: v.to(device=cfg["DEVICE"], dtype=getattr(torch, cfg["DTYPE"])) for k, v in nets.items()}
+def check(cfg):
+    """One-line errors (lib.config.UsageError) for settings the run cannot use."""
+    for name in ("WIDTH", "STEPS", "TEST_STEPS", "UNROLL", "HIDDEN", "LR_TELE_HIDDEN", "BATCH", "THREADS",
+                 "N_TRAIN_UPDATE_TELE", "N_TRAIN_UPDATE", "N_TRAIN_LR_TELE", "N_TEST", "PLOT_STEPS",
+                 "SLOPE", "LR", "M1_LR", "M2_LR"):
+        check_positive(name, cfg[name], allow_zero=False)
+    for name in ("T_NORM", "CHECKPOINT_S"):
+        check_positive(name, cfg[name])
+    for name, choices in (("INVERSE", ("exact", "neumann")), ("ETA_PARAM", ("clamp", "sigmoid")),
+                          ("DTYPE", ("float32", "float64"))):
+        check_choice(name, cfg[name], choices)
+    for m in cfg["RETRAIN"]:
+        check_choice("method in RETRAIN", m, N_TRAIN)
+    if cfg["STEPS"] % cfg["UNROLL"]:
+        raise UsageError(f"STEPS ({cfg['STEPS']}) must be a multiple of UNROLL ({cfg['UNROLL']})")
+    lo, hi = cfg["STEP_CLAMP"]
+    if not 0 < lo < hi or (cfg["ETA_INIT"] is not None and not lo < cfg["ETA_INIT"] < hi):
+        raise UsageError(f"STEP_CLAMP must be 0 < low < ETA_INIT < high, got {cfg['STEP_CLAMP']}, {cfg['ETA_INIT']}")
+    train_seeds = range(cfg["TRAIN_SEED"], cfg["TRAIN_SEED"] + max(cfg[v] for v in N_TRAIN.values()))
+    if set(train_seeds) & set(range(cfg["TEST_SEED"], cfg["TEST_SEED"] + cfg["N_TEST"])):
+        raise UsageError("training and test seeds overlap: move TEST_SEED or TRAIN_SEED")
 
 
-def state_path(cfg, method):
-    return os.path.join(cfg["OUT_DIR"], "results", f"meta_opt_{method}.pt")
+def check_protocol(path, cfg):
+    """lib.io.check_replace; TEST_ONLY and RETRAIN are not other settings: they recompute the
+    same protocol."""
+    check_replace(path, cfg, ignore=("TEST_ONLY", "RETRAIN"))
 
 
-def flat_state(nets):
-    """All state_dicts of a method's meta-optimizers as one flat dict of plain tensors, as saved
-    in meta_opt_<method>.pt (lib.io.save_tensors, no pickle) and in the checkpoint."""
-    return {f"{k}.{name}": v.detach().clone() for k, net in nets.items() for name, v in net.state_dict().items()}
-
-
-def load_nets(flat, nets):
-    for k, net in nets.items():
-        net.load_state_dict({n[len(k) + 1:]: v for n, v in flat.items() if n.startswith(k + ".")})
-    return nets
-
-
+# The problem and the methods
 def draw_problems(seeds, cfg):
     """Per seed: W1, W2, X, Y uniform on [0, 1], d x d (column form, samples are columns of X).
     Returns W = [W1, W2] as (K, d, d) and X, Y in lib's row form, (K, n, d)."""
@@ -174,96 +138,27 @@ def draw_problems(seeds, cfg):
     return [W1, W2], X.mT, Y.mT
 
 
-def learned_teleport(W, T, X, act, cfg):
-    """Teleport by the meta-optimizer's output T (K, d*d), not by lib.teleport's gradient ascent:
-    eq. (54) with g = I + T, T scaled to Frobenius norm T_NORM (Section 5.2): W2 <- W2 g^-1,
-    W1 <- s^-1(g s(W1 X)) X^+ (lib.actions.GLAction(54), exact g^-1). INVERSE='neumann' puts
-    I - T for g^-1 as the authors' code does: the loss then drifts by O(|T|^2). No LinAlgError on
-    diverging weights: only g (|T| < 1; NaN in, NaN out) and the data X are inverted."""
-    d = cfg["WIDTH"]
-    T = T.view(-1, d, d)
-    T = T / T.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1) * cfg["T_NORM"]
-    new = GLAction(54, "first_order")(W, [T], X, act)
-    if cfg["INVERSE"] == "neumann":
-        new[1] = W[1] @ (torch.eye(d, dtype=T.dtype, device=T.device) - T)
-    return new
+def make_nets(method, cfg):
+    """The meta-optimizers of a method (Section 5.2): m1 (update f_t) and m2 (Lie-algebra element
+    T_t); for LSTM(lr,tele) one LSTM with heads T_t and the step size; none for GD."""
+    d, n = cfg["WIDTH"], 2 * cfg["WIDTH"] ** 2
+    heads = {"update": {"m1": {"f": n}}, "update_tele": {"m1": {"f": n}, "m2": {"T": d * d}},
+             "lr_tele": {"m2": {"T": d * d, "eta": 1}}}.get(method, {})
+    torch.manual_seed(cfg["INIT_SEED"])
+    nets = {k: MetaLSTM(n, cfg["LR_TELE_HIDDEN" if method == "lr_tele" else "HIDDEN"], h) for k, h in heads.items()}
+    if method == "lr_tele" and cfg["ETA_INIT"] is not None:
+        # torch's random init puts eta at a clamp bound (5e-3 diverges, 1e-7 has no gradient
+        # through the clamp); start at GD's step instead (not in the authors' code)
+        lo, hi = cfg["STEP_CLAMP"]
+        p = (cfg["ETA_INIT"] - lo) / (hi - lo)
+        with torch.no_grad():
+            nets["m2"].heads["eta"].weight.zero_()
+            nets["m2"].heads["eta"].bias.fill_(cfg["ETA_INIT"] if cfg["ETA_PARAM"] == "clamp"
+                                               else float(np.log(p / (1 - p))))
+    return {k: v.to(device=cfg["DEVICE"], dtype=getattr(torch, cfg["DTYPE"])) for k, v in nets.items()}
 
 
-def update(method, nets, W, grads, states, X, act, cfg):
-    """One step of Algorithm 1 from w_t with gradients `grads` at w_t:
-    gd: w - LR grad;  update: w + f_t;  update_tele: g_t.(w + f_t);  lr_tele: g_t.(w - eta_t grad).
-    Returns the new weights, the new LSTM states and the step size used (K,) or None."""
-    if method == "gd":
-        return [w - cfg["LR"] * g for w, g in zip(W, grads)], states, None
-    K, eta, new_states = W[0].shape[0], None, dict(states)
-    if "m1" in nets:  # m1 reads (grad W1, grad W2), m2 reads (grad W2, grad W1), as the authors' code
-        out, new_states["m1"] = nets["m1"](torch.cat([g.flatten(1) for g in grads], 1), states["m1"])
-        f = out["f"].view(K, 2, *W[0].shape[1:])
-        W = [W[0] + f[:, 0], W[1] + f[:, 1]]
-    if "m2" in nets:
-        out, new_states["m2"] = nets["m2"](torch.cat([g.flatten(1) for g in grads[::-1]], 1), states["m2"])
-        if method == "lr_tele":
-            lo, hi = cfg["STEP_CLAMP"]
-            eta = (out["eta"].clamp(lo, hi) if cfg["ETA_PARAM"] == "clamp"
-                   else lo + (hi - lo) * torch.sigmoid(out["eta"])).view(K)
-            W = [w - eta.view(K, 1, 1) * g for w, g in zip(W, grads)]
-        W = learned_teleport(W, out["T"], X, act, cfg)
-    return W, new_states, eta
-
-
-def train(method, nets, cfg, act, seeds, ckpt=None):
-    """Meta-training (Section 5.2): trajectories of STEPS steps; after every UNROLL steps the
-    meta-loss sum_{t in unroll} mean_k L(w_{t+1}) (lib.models.loss_fn) is back-propagated through
-    the updates and teleports into the LSTMs, Adam (lr M1_LR for m1, M2_LR for m2) steps, and
-    weights and LSTM states are detached. The gradients enter the LSTMs as constants (no second
-    derivatives, as in Andrychowicz et al. and the authors' code): lib.models.loss_and_grads makes
-    no graph. A non-finite meta-loss skips the Adam step and ends that batch (hist["diverged"]:
-    [its first trajectory, the first step with a non-finite loss, or the unroll's last if only the
-    sum overflowed]). With a lib.progress.Checkpoint `ckpt`, LSTMs, Adam states, RNG state and
-    history are saved after a batch (at most every CHECKPOINT_S s) and resumed from."""
-    opt = torch.optim.Adam([{"params": net.parameters(), "lr": cfg["M1_LR"] if k == "m1" else cfg["M2_LR"]}
-                            for k, net in nets.items()])  # Adam acts per parameter: as one Adam per LSTM
-    hist = {"mean_loss": [], "final_loss": [], "diverged": [], "batch": cfg["BATCH"], "seeds": seeds, "time_s": 0.0}
-    B, start, cur = cfg["BATCH"], 0, ckpt and ckpt.current
-    if cur and cur["unit"] == method:  # resume the interrupted training of this method
-        load_nets(cur["nets"], nets)
-        opt.load_state_dict(cur["opt"])
-        torch.set_rng_state(cur["rng"])
-        start, hist = cur["next"], cur["hist"]
-    t0, spent = time.perf_counter(), hist["time_s"]
-    bar = tqdm(range(start, len(seeds), B), desc=f"train {LABELS[method]}", disable=not cfg["PROGRESS"])
-    for b in bar:
-        W, X, Y = draw_problems(seeds[b:b + B], cfg)
-        states, losses = {k: net.zero_state(W[0].shape[0], W[0]) for k, net in nets.items()}, []
-        for _ in range(cfg["STEPS"] // cfg["UNROLL"]):
-            W = [w.detach() for w in W]
-            states = {k: tuple(s.detach() for s in v) for k, v in states.items()}
-            grads, meta = loss_and_grads(W, X, Y, act, "mse")[1], 0.0
-            for _ in range(cfg["UNROLL"]):
-                W, states, _ = update(method, nets, W, grads, states, X, act, cfg)
-                loss, grads = loss_fn(W, X, Y, act, "mse"), loss_and_grads(W, X, Y, act, "mse")[1]
-                meta = meta + loss.mean()
-                losses.append(loss.detach())
-            if not torch.isfinite(meta):
-                bad = (~torch.isfinite(torch.stack(losses))).any(1).nonzero()
-                hist["diverged"].append([b, int(bad[0]) + 1 if len(bad) else len(losses)])
-                break
-            opt.zero_grad()
-            meta.backward()
-            opt.step()
-        L = torch.stack(losses)  # (steps done, K)
-        hist["mean_loss"] += L.mean(0).tolist()
-        hist["final_loss"] += L[-1].tolist()
-        hist["time_s"] = spent + time.perf_counter() - t0
-        bar.set_postfix(final=f"{L[-1].mean().item():.3g}")
-        if ckpt:
-            current = {"unit": method, "next": b + B, "nets": flat_state(nets), "hist": hist,
-                       "opt": opt.state_dict(), "rng": torch.get_rng_state()}
-            ckpt.save({"done": ckpt.done, "current": current},
-                      f"{LABELS[method]}, {min(b + B, len(seeds))} of {len(seeds)} trajectories")
-    return hist
-
-
+# The run
 @torch.no_grad()
 def test(method, nets, cfg, act, seeds):
     """Run each unseen trajectory alone (K = 1, so times are per trajectory) for TEST_STEPS
@@ -290,6 +185,30 @@ def test(method, nets, cfg, act, seeds):
     return out
 
 
+def state_path(cfg, method):
+    return os.path.join(cfg["OUT_DIR"], "results", f"meta_opt_{method}.pt")
+
+
+def run_method(m, cfg, act, ckpt, loaded, training):
+    """One method as a unit of the run: its LSTMs meta-trained (_meta.train) or loaded with
+    --test-only, then tested; for LSTM(update,tele) also the control with its teleport off."""
+    nets, unit = make_nets(m, cfg), {"nets": {}, "training": training.get(m), "curves": {}}
+    test_seeds = [cfg["TEST_SEED"] + i for i in range(cfg["N_TEST"])]
+    if m in loaded:
+        load_nets(load_tensors(state_path(cfg, m)), nets)
+    elif nets:
+        seeds = [cfg["TRAIN_SEED"] + i for i in range(cfg[N_TRAIN[m]])]
+        unit["training"] = h = train(m, nets, cfg, act, seeds, draw_problems, ckpt, LABELS[m], cfg["PROGRESS"])
+        unit["nets"] = flat_state(nets)
+        print(f"{LABELS[m]}: {len(seeds)} trajectories in {h['time_s']:.0f} s, non-finite unrolls {len(h['diverged'])}",
+              flush=True)
+    unit["curves"][m] = test(m, nets, cfg, act, test_seeds)
+    if m == "update_tele":
+        unit["curves"][CONTROL] = test("update", {"m1": nets["m1"]}, cfg, act, test_seeds)
+    return unit
+
+
+# The outputs
 def diverged_steps(curves):
     """Per test trajectory (losses from L(w_0)), the step at which it diverged (loss not finite
     or above DIVERGED L(w_0)), or None; and the curves as an array, NaN from that step on."""
@@ -319,20 +238,11 @@ def table(curves, steps):
     return markdown_table(["method"] + [f"step {s}" for s in steps], rows)
 
 
-def plot_log_band(ax, x, L, m):
-    """lib.plots.plot_mean_std (diverged trajectories left out and marked) with the +-1 std band's
+def plot(res, cfg, out):
+    """The figures of the results `res` into out/figures/. Test loss against steps and time:
+    lib.plots.plot_mean_std (diverged trajectories left out and marked) with the +-1 std band's
     lower edge cut at the smallest trajectory for the log axis (mean - std < 0 for GD at some
     steps); the teleport-off control dashed, without a band."""
-    c, ok = METHOD_COLORS[m], L[np.isfinite(L).all(1)]
-    plot_mean_std(ax, x, L, LABELS[m], c, "--" if m == CONTROL else "-", shade=False, lw=1.2 if m == CONTROL else 1.5,
-                  limit=np.inf)
-    if len(ok) > 1 and m != CONTROL:
-        mean, std = ok.mean(0), ok.std(0)
-        ax.fill_between(x, np.maximum(mean - std, ok.min(0)), mean + std, color=c, alpha=0.2, lw=0)
-
-
-def plot(res, cfg, out):
-    """The figures of the results `res` into out/figures/."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -344,7 +254,12 @@ def plot(res, cfg, out):
             L = L[:, :n + 1]
             L[[a is not None for a in at], -1] = np.nan  # one diverging after the steps shown: marked at the end
             t = kept_mean(np.asarray(curves[m]["time_s"], dtype=float)[:, :n + 1])
-            plot_log_band(ax, t if vs_time else np.arange(L.shape[1]), L, m)
+            x, c, ok = t if vs_time else np.arange(L.shape[1]), METHOD_COLORS[m], L[np.isfinite(L).all(1)]
+            plot_mean_std(ax, x, L, LABELS[m], c, "--" if m == CONTROL else "-", shade=False,
+                          lw=1.2 if m == CONTROL else 1.5, limit=np.inf)
+            if len(ok) > 1 and m != CONTROL:
+                mean, std = ok.mean(0), ok.std(0)
+                ax.fill_between(x, np.maximum(mean - std, ok.min(0)), mean + std, color=c, alpha=0.2, lw=0)
         ax.set(xlabel="wall-clock time (s)" if vs_time else "step", ylabel="loss", yscale="log",
                title=f"first {n} steps, per trajectory" if vs_time
                else f"Two-layer regression, {len(curves['gd']['loss'])} test trajectories")
@@ -357,55 +272,6 @@ def plot(res, cfg, out):
     ax.set(xlabel="training trajectory", ylabel="loss after the last step", yscale="log", title="meta-training")
     ax.legend()
     save_figure(fig, os.path.join(fig_dir, "multi_layer_meta_training.png"))
-
-
-def check(cfg):
-    for name in ("WIDTH", "STEPS", "TEST_STEPS", "UNROLL", "HIDDEN", "LR_TELE_HIDDEN", "BATCH", "THREADS",
-                 "N_TRAIN_UPDATE_TELE", "N_TRAIN_UPDATE", "N_TRAIN_LR_TELE", "N_TEST", "PLOT_STEPS",
-                 "SLOPE", "LR", "M1_LR", "M2_LR"):
-        check_positive(name, cfg[name], allow_zero=False)
-    check_positive("T_NORM", cfg["T_NORM"])
-    check_positive("CHECKPOINT_S", cfg["CHECKPOINT_S"])
-    for name, choices in (("INVERSE", ("exact", "neumann")), ("ETA_PARAM", ("clamp", "sigmoid")),
-                          ("DTYPE", ("float32", "float64"))):
-        check_choice(name, cfg[name], choices)
-    for m in cfg["RETRAIN"]:
-        check_choice("method in RETRAIN", m, N_TRAIN)
-    if cfg["STEPS"] % cfg["UNROLL"]:
-        raise UsageError(f"STEPS ({cfg['STEPS']}) must be a multiple of UNROLL ({cfg['UNROLL']})")
-    lo, hi = cfg["STEP_CLAMP"]
-    if not 0 < lo < hi or (cfg["ETA_INIT"] is not None and not lo < cfg["ETA_INIT"] < hi):
-        raise UsageError(f"STEP_CLAMP must be 0 < low < ETA_INIT < high, got {cfg['STEP_CLAMP']}, {cfg['ETA_INIT']}")
-    n_train = max(cfg[v] for v in N_TRAIN.values())
-    if (set(range(cfg["TRAIN_SEED"], cfg["TRAIN_SEED"] + n_train))
-            & set(range(cfg["TEST_SEED"], cfg["TEST_SEED"] + cfg["N_TEST"]))):
-        raise UsageError("training and test seeds overlap: move TEST_SEED or TRAIN_SEED")
-
-
-def check_protocol(path, cfg):
-    """lib.io.check_replace; TEST_ONLY and RETRAIN are not other settings: they recompute the
-    same protocol."""
-    check_replace(path, cfg, ignore=("TEST_ONLY", "RETRAIN"))
-
-
-def run_method(m, cfg, act, ckpt, loaded, training):
-    """One method as a unit of the run: its LSTMs trained (or loaded with --test-only) and
-    tested; for LSTM(update,tele) also the control with its teleport switched off."""
-    nets = make_nets(m, cfg) if m != "gd" else {}
-    unit = {"nets": {}, "training": training.get(m), "curves": {}}
-    test_seeds = [cfg["TEST_SEED"] + i for i in range(cfg["N_TEST"])]
-    if m in loaded:
-        load_nets(load_tensors(state_path(cfg, m)), nets)
-    elif nets:
-        seeds = [cfg["TRAIN_SEED"] + i for i in range(cfg[N_TRAIN[m]])]
-        unit["training"] = h = train(m, nets, cfg, act, seeds, ckpt)
-        unit["nets"] = flat_state(nets)
-        print(f"{LABELS[m]}: {len(seeds)} trajectories in {h['time_s']:.0f} s, non-finite unrolls {len(h['diverged'])}",
-              flush=True)
-    unit["curves"][m] = test(m, nets, cfg, act, test_seeds)
-    if m == "update_tele":
-        unit["curves"][CONTROL] = test("update", {"m1": nets["m1"]}, cfg, act, test_seeds)
-    return unit
 
 
 def main(cfg):

@@ -1,11 +1,11 @@
-"""learn-to-teleport/multi_layer_regression.py (Figure 6, Algorithm 1): the eq. (54) teleport
-of the meta-optimizer is loss-preserving (the authors' Neumann-series inverse is not), --lr
-drives the GD baseline and the meta learning rates drive Adam, meta-gradients reach both LSTMs,
-saved meta-optimizers reload to identical curves, --test-only fails before writing anything,
---plot-only redraws the committed JSON with the teleport-off control, a small run writes its
-figures and JSON, a run stopped part-way leaves the previous outputs and resumes to the same
-numbers, diverged trajectories are left out with a count, and results of other settings are not
-replaced."""
+"""learn-to-teleport/multi_layer_regression.py (Figure 6, Algorithm 1) with its meta-optimizer
+module _meta.py: the eq. (54) teleport of the meta-optimizer is loss-preserving (the authors'
+Neumann-series inverse is not), --lr drives the GD baseline and the meta learning rates drive Adam,
+meta-gradients reach both LSTMs, saved meta-optimizers reload to identical curves, --test-only
+fails before writing anything, --plot-only redraws the committed JSON with the teleport-off
+control, a small run writes its figures and JSON, a run stopped part-way leaves the previous
+outputs and resumes to the same numbers, diverged trajectories are left out with a count, and
+results of other settings are not replaced."""
 import importlib.util
 import json
 import os
@@ -27,6 +27,7 @@ COMMITTED_JSON = os.path.join(ROOT, "learn-to-teleport", "results", "multi_layer
 _spec = importlib.util.spec_from_file_location("multi_layer_regression", SCRIPT)
 mlr = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mlr)
+meta = importlib.import_module("_meta")  # the script put its folder on sys.path
 ACT = Activation(0.1)
 TINY = ["--steps=10", "--unroll=5", "--test-steps=10", "--hidden=16", "--lr-tele-hidden=8",
         "--n-train-update-tele=2", "--n-train-update=2", "--n-train-lr-tele=1", "--n-test=2",
@@ -48,7 +49,11 @@ def _cfg(*args):
 
 def _teleported(cfg, T, seeds=range(8)):
     W, X, Y = mlr.draw_problems(seeds, cfg)
-    return W, X, Y, mlr.learned_teleport(W, T, X, ACT, cfg)
+    return W, X, Y, meta.learned_teleport(W, T, X, ACT, cfg)
+
+
+def _train(method, nets, cfg, seeds):
+    return meta.train(method, nets, cfg, ACT, seeds, mlr.draw_problems)  # the run's problems, no checkpoint
 
 
 def _relative_drift(cfg, seed=0):
@@ -93,7 +98,7 @@ def test_teleport_is_scaled_to_t_norm_and_matches_g_inverse():
     cfg = _cfg("--dtype=float64")
     W, X, _ = mlr.draw_problems([3], cfg)
     T = 5 * torch.randn(1, 400, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    W2 = mlr.learned_teleport(W, T, X, ACT, cfg)
+    W2 = meta.learned_teleport(W, T, X, ACT, cfg)
     Ts = T.view(1, 20, 20) / T.norm() * cfg["T_NORM"]
     g = torch.eye(20, dtype=torch.float64) + Ts
     assert torch.allclose(W2[1] @ g, W[1], atol=1e-10)  # W2 <- W2 g^-1
@@ -106,7 +111,7 @@ def test_meta_gradient_reaches_both_lstms_and_lr_stays_clamped():
     for method in ("update_tele", "lr_tele"):
         nets = mlr.make_nets(method, cfg)
         before = {k: [p.detach().clone() for p in n.parameters()] for k, n in nets.items()}
-        hist = mlr.train(method, nets, cfg, ACT, [cfg["TRAIN_SEED"]])
+        hist = _train(method, nets, cfg, [cfg["TRAIN_SEED"]])
         assert hist["diverged"] == [] and len(hist["final_loss"]) == 1
         for k, net in nets.items():  # every LSTM, m2 through the eq. (54) action, has moved
             assert any(not torch.equal(a, b) for a, b in zip(before[k], net.parameters())), k
@@ -129,7 +134,7 @@ def test_adam_steps_by_the_meta_lrs(args):
     cfg = _cfg("--steps=5", "--unroll=5", *args)
     nets = mlr.make_nets("update_tele", cfg)
     before = {k: [p.detach().clone() for p in n.parameters()] for k, n in nets.items()}
-    mlr.train("update_tele", nets, cfg, ACT, [cfg["TRAIN_SEED"]])
+    _train("update_tele", nets, cfg, [cfg["TRAIN_SEED"]])
     for k, lr in (("m1", cfg["M1_LR"]), ("m2", cfg["M2_LR"])):
         moved = max((a - b).abs().max().item() for a, b in zip(before[k], nets[k].parameters()))
         assert moved == pytest.approx(lr, rel=1e-3), k
@@ -140,7 +145,7 @@ def test_a_changed_m1_lr_changes_the_trained_curve():
     for args in ([], ["--m1-lr=1e-2"]):
         cfg = _cfg(*args)
         nets = mlr.make_nets("update", cfg)
-        mlr.train("update", nets, cfg, ACT, [cfg["TRAIN_SEED"]])
+        _train("update", nets, cfg, [cfg["TRAIN_SEED"]])
         curves.append(mlr.test("update", nets, cfg, ACT, [0])["loss"][0])
     assert curves[0][0] == curves[1][0] and curves[0][1:] != curves[1][1:]
 
@@ -155,7 +160,7 @@ def test_lr_tele_starts_at_eta_init(param):
 @pytest.mark.parametrize("args,lr", [([], 3e-4), (["--lr=1e-4"], 1e-4)])
 def test_gd_curve_is_plain_gradient_descent_at_lr(args, lr):
     cfg = _cfg("--dtype=float64", *args)
-    assert cfg["LR"] == lr
+    assert cfg["LR"] == lr and mlr.make_nets("gd", cfg) == {}  # GD has no meta-optimizer
     curve = mlr.test("gd", {}, cfg, ACT, [0])["loss"][0]
     W, X, Y = mlr.draw_problems([0], cfg)
     W = [w.requires_grad_() for w in W]
@@ -173,13 +178,13 @@ def test_gd_curve_is_plain_gradient_descent_at_lr(args, lr):
 def test_saved_meta_optimizer_reloads_to_identical_curves(tmp_path):
     cfg = _cfg()
     nets = mlr.make_nets("update_tele", cfg)
-    mlr.train("update_tele", nets, cfg, ACT, [cfg["TRAIN_SEED"] + i for i in range(2)])
+    _train("update_tele", nets, cfg, [cfg["TRAIN_SEED"] + i for i in range(2)])
     path = str(tmp_path / "m.pt")
-    save_tensors(path, mlr.flat_state(nets))
+    save_tensors(path, meta.flat_state(nets))
     ref = mlr.test("update_tele", nets, cfg, ACT, [0, 1])["loss"]
     fresh = mlr.make_nets("update_tele", _cfg("--init-seed=5"))
     assert not torch.equal(fresh["m1"].heads["f"].weight, nets["m1"].heads["f"].weight)
-    mlr.load_nets(load_tensors(path), fresh)  # torch.load(weights_only=True)
+    meta.load_nets(load_tensors(path), fresh)  # torch.load(weights_only=True)
     assert mlr.test("update_tele", fresh, cfg, ACT, [0, 1])["loss"] == ref
     assert ref != mlr.test("update_tele", mlr.make_nets("update_tele", cfg), cfg, ACT, [0, 1])["loss"]
 
