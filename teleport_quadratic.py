@@ -1,30 +1,26 @@
-"""Teleportation on two convex quadratics, x^2 + 9y^2 and the Booth function, with the theory of
-Section 3 made visible (Proposition 3.2, Propositions 3.5 / C.3, Theorem 3.1).
+"""Section 3 on two convex quadratics, x^2 + 9y^2 and the Booth function: gradient descent with and
+without one teleport along SO(2) orbits (= level sets), checking Proposition 3.2 (after the teleport
+grad f is a Hessian eigenvector, so the GD step is a damped Newton step), Propositions 3.5 / C.3 (the
+optimality ratio ||grad f|| / max_level_set ||grad f|| then stays 1) and Theorem 3.1 (faster convergence).
 
     python teleport_quadratic.py                       # both functions
     python teleport_quadratic.py --functions=booth     # one of them
     python teleport_quadratic.py --quick               # the same runs, coarser contour plots
 
-CPU runtime (2 cores): about 4 s of CPU time, 10-15 s wall on the shared machine (imports, matplotlib).
+CPU runtime (2 cores): about 10 s of CPU time, most of it importing torch and matplotlib (--quick about
+8 s); 20-30 s wall on the shared, loaded machine.
 Headline: one teleport reaches loss 1e-6 in 9 GD steps instead of 88 on x^2 + 9y^2 (lr 0.05) and in
 15 instead of 52 on Booth (lr 0.08); right after the teleport grad f is a Hessian eigenvector
-(angle ~5e-15 rad, lambda_0 = 18) and ||grad f|| / max_level_set ||grad f|| stays 1 to 2e-16 until
-f <= 1e-6 (it leaves 1 only below f ~ 1e-23, through rounding error).
+(angle ~5e-15 rad, lambda_0 = 18) and the ratio stays 1 to 2e-16 until f <= 1e-6 (it leaves 1 only
+below f ~ 1e-23, through rounding error).
 
-Gradient descent w <- w - lr grad f from START, without teleport and with one teleport before
-step TELEPORT_STEP. The teleport maximises ||grad f(g_theta . w)||^2 over the SO(2) angle theta by
-gradient ascent (lib/quadratic.py), compared with the closed-form maximiser. START, LR and
-TELEPORT_STEP default to the per-function presets; a value given applies to every function run.
-
-Divergence is a result: beyond LR = 2/lambda_max (2/18 for both functions) GD diverges along the
-top Hessian eigenvector. The run still completes: it records at which GD step each run diverged
-(f above DIVERGED_ABOVE times f(START), or not finite), reports no step count and no check from
-diverged values, and cuts the diverged curves in the figures there (marked x). A teleport at a
-point whose gradient no longer fits in a float is skipped and recorded as such.
-
-A run takes seconds, so nothing is saved to resume from: its outputs replace the previous ones
-as a set when it completes, an interrupted run (Ctrl-C) leaves them as they were. Saved results
-made with other settings are replaced only with --replace (or written elsewhere with --out-dir).
+The teleport maximises ||grad f(g_theta . w)||^2 over the angle theta by gradient ascent, checked
+against the closed form (lib/quadratic.py). START, LR and TELEPORT_STEP default to per-function
+presets. Beyond LR = 2/lambda_max = 2/18 GD diverges, and that is a result: the step it diverged at
+is recorded, no step count or check comes from diverged values, the curves stop there (marked x),
+and a teleport at a non-finite point is skipped. Outputs replace the previous set only once all are
+written (a run takes seconds: nothing is saved to resume from), and results of other settings only
+with --replace.
 
 Outputs: figures/quadratic/<function>_{trajectories,loss,optimality}.png and
 results/quadratic/<function>.json (the function's resolved config, environment, teleport record,
@@ -41,12 +37,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib.config import UsageError, check_choice, check_positive, run, with_preset  # noqa: E402
 from lib import quadratic  # noqa: E402
+from lib.config import UsageError, check_choice, check_positive, run, with_preset  # noqa: E402
 from lib.io import check_replace, environment, experiment_dirs, relative, save_json, staged  # noqa: E402
 from lib.plots import COLORS, save_figure  # noqa: E402
-from lib.quadratic import (get_function, grad, hessian, loss, max_grad_norm_sq,  # noqa: E402
-                           optimal_angle, so2_action, teleport_angle, wrap_half_turn)
+from lib.quadratic import (descend, get_function, hessian, loss, newton_check, optimality_ratio,  # noqa: E402
+                           so2_action, steps_to, wrap_half_turn)
 from lib.report import diverged  # noqa: E402
 
 # ---- config -------------------------------------------------------------------------------
@@ -104,68 +100,6 @@ def saved_config(fcfg, name):
     return json.loads(json.dumps({**cfg, "FUNCTION": name, "OUT_DIR": relative(fcfg["OUT_DIR"])}))
 
 
-def teleport(q, w, cfg):
-    """The teleported point and the record of the teleport (angle by gradient ascent, and the
-    closed form). A point whose ||grad f||^2 is not finite (GD diverged) is left where it is."""
-    if not math.isfinite(max_grad_norm_sq(q, w).item()):
-        return w, {"skipped": "GD had diverged: ||grad f||^2 is not a finite float"}
-    theta, n, before, after = teleport_angle(q, w, cfg["TELEPORT_LR"], cfg["TELEPORT_MAX_STEPS"], cfg["TELEPORT_TOL"])
-    w_new = so2_action(q, w, torch.tensor(theta, dtype=torch.float64)).detach()
-    return w_new, {"theta": theta, "theta_closed_form": optimal_angle(q, w), "ascent_steps": n,
-                   "ratio_sq_before": before, "ratio_sq_after": after, "w_before": w.tolist(), "w_after": w_new.tolist(),
-                   "loss_before": loss(q, w).item(), "loss_after": loss(q, w_new).item()}
-
-
-def descend(q, w0, lr, steps, teleport_step=None, cfg=None):
-    """Gradient descent; with teleport_step, one teleport before that step. Returns the
-    trajectory (steps+1, 2), or (steps+2, 2) with the pre-teleport point, and the teleport
-    record (or None). A diverging run goes on to inf and nan: torch does not raise."""
-    w, path, record = torch.tensor(w0, dtype=torch.float64), [], None
-    for t in range(steps + 1):
-        if t == teleport_step:
-            path.append(w.clone())  # the pre-teleport point, so the jump is in the path
-            w, rec = teleport(q, w, cfg)
-            record = {"step": t, **rec}
-        path.append(w.clone())
-        if t < steps:
-            w = w - lr * grad(q, w)
-    return torch.stack(path), record
-
-
-def newton_check(q, w, lr):
-    """Proposition 3.2: at the teleported point grad f is an eigenvector of H, H g = lambda_0 g, so
-    the GD step lr g equals the damped Newton step (lr lambda_0) H^{-1} g."""
-    g, H = grad(q, w), hessian(q)
-    Hg = H @ g
-    angle = torch.atan2((g[0] * Hg[1] - g[1] * Hg[0]).abs(), g @ Hg).item()  # accurate near 0
-    lam0 = (g @ Hg / (g @ g)).item()
-    newton = lr * lam0 * torch.linalg.solve(H, g)
-    return {"angle_grad_Hgrad_rad": angle, "lambda_0": lam0, "newton_step_size": lr * lam0,
-            "gd_vs_newton_rel_err": ((lr * g - newton).norm() / (lr * g).norm()).item()}
-
-
-def curves(q, path):
-    """Per point of a path: loss f and the optimality ratio ||grad f|| / max_level_set ||grad f||
-    (Propositions 3.5 / C.3)."""
-    f = loss(q, path)
-    ratio = grad(q, path).norm(dim=-1) / max_grad_norm_sq(q, path).sqrt()
-    return f, ratio
-
-
-def steps_to(losses, target, steps):
-    """First GD step at which the loss is <= target (steps: the GD step of each path point)."""
-    hit = np.nonzero(np.asarray(losses) <= target)[0]
-    return int(steps[hit[0]]) if len(hit) else None
-
-
-def step_axis(n, record):
-    """GD step of each path point; the teleport adds a point, both at the teleport step."""
-    steps = list(range(n))
-    if record is not None:
-        steps = list(range(record["step"] + 1)) + list(range(record["step"], n - 1))
-    return np.array(steps)
-
-
 def before_divergence(losses, limit):
     """How many points of a loss curve come before the run diverged (lib.report.diverged)."""
     at = diverged([np.asarray(losses, dtype=float)], limit)[0]
@@ -175,12 +109,12 @@ def before_divergence(losses, limit):
 def experiment(cfg, name):
     """Both runs on one function (cfg: its resolved config) and the checks of Section 3, made on
     the points before a run diverged."""
-    q, s = get_function(name), check_settings(cfg, name)
-    base, _ = descend(q, s["START"], s["LR"], cfg["STEPS"])
-    tele, rec = descend(q, s["START"], s["LR"], cfg["STEPS"], s["TELEPORT_STEP"], cfg)
-    fb, rb = curves(q, base)
-    ft, rt = curves(q, tele)
-    sb, st = step_axis(len(base), None), step_axis(len(tele), rec)
+    q = get_function(name)
+    s, H = check_settings(cfg, name), hessian(q)
+    ascent = (cfg["TELEPORT_LR"], cfg["TELEPORT_MAX_STEPS"], cfg["TELEPORT_TOL"])
+    base, sb, _ = descend(q, s["START"], s["LR"], cfg["STEPS"])
+    tele, st, rec = descend(q, s["START"], s["LR"], cfg["STEPS"], s["TELEPORT_STEP"], ascent)
+    fb, rb, ft, rt = loss(q, base), optimality_ratio(q, base), loss(q, tele), optimality_ratio(q, tele)
     limit = DIVERGED_ABOVE * fb[0].item()
     nb, nt = before_divergence(fb, limit), before_divergence(ft, limit)
     k = rec["step"] + 1                                   # index of the teleported point in `tele`
@@ -190,11 +124,10 @@ def experiment(cfg, name):
         above = above if len(above) else torch.tensor([k])
         dev_all = (rt[k:nt][ft[k:nt] > 0] - 1).abs()
         departs = next((int(i) for i in range(len(dev_all)) if dev_all[i] > 1e-6), None)
-    lam = torch.linalg.eigvalsh(hessian(q))
+    lam = torch.linalg.eigvalsh(H)
     return {
-        "function": name, "settings": s, "teleport": rec,
-        "hessian": hessian(q), "hessian_eigenvalues": lam,
-        "grad_norm_max_over_min_on_a_level_set": math.sqrt(torch.linalg.cond(hessian(q)).item()),
+        "function": name, "settings": s, "teleport": rec, "hessian": H, "hessian_eigenvalues": lam,
+        "grad_norm_max_over_min_on_a_level_set": math.sqrt(torch.linalg.cond(H).item()),
         "theta_error_rad": abs(wrap_half_turn(rec["theta"] - rec["theta_closed_form"])) if "theta" in rec else None,
         "prop_3_2": newton_check(q, tele[k], s["LR"]) if teleported else None,
         "prop_3_5": {  # Prop. 3.5: the ratio stays 1 after one teleport
@@ -230,15 +163,13 @@ def label(arm, k, at):
 def plot_trajectories(q, out, path, grid, dpi):
     """Level sets with both trajectories (up to where they diverged) and the teleport jump."""
     cut, rec = shown(out), out["teleport"]
-    (b, at_b), (t, at_t) = cut["baseline"], cut["teleport"]
-    k = rec["step"]
+    (b, at_b), (t, at_t), k = cut["baseline"], cut["teleport"], rec["step"]
     jump = "theta" in rec and len(t["x"]) > k + 1      # the teleport came before the run diverged
-    xs, ys = [b["x"], t["x"]], [b["y"], t["y"]]
-    if jump:
-        wb = torch.tensor(rec["w_before"], dtype=torch.float64)
-        orbit = so2_action(q, wb, torch.linspace(0, 2 * math.pi, 200, dtype=torch.float64)).numpy()
-        xs, ys = xs + [orbit[:, 0]], ys + [orbit[:, 1]]
-    xs, ys = np.concatenate(xs), np.concatenate(ys)
+    orbit = np.empty((0, 2))
+    if jump:  # the level set through the pre-teleport point, drawn as its orbit
+        thetas = torch.linspace(0, 2 * math.pi, 200, dtype=torch.float64)
+        orbit = so2_action(q, torch.tensor(rec["w_before"], dtype=torch.float64), thetas).numpy()
+    xs, ys = (np.concatenate([b[c], t[c], orbit[:, i]]) for i, c in enumerate("xy"))
     cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
     half = 0.55 * max(xs.max() - xs.min(), ys.max() - ys.min(), 1e-9)
     X, Y = np.meshgrid(np.linspace(cx - half, cx + half, grid), np.linspace(cy - half, cy + half, grid))
@@ -260,10 +191,8 @@ def plot_trajectories(q, out, path, grid, dpi):
     else:
         ax.text(0.02, 0.02, f"GD diverged before the teleport (before step {k}):\nthe teleport run is not drawn",
                 transform=ax.transAxes, fontsize=8, color="0.3")
-    ax.set_xlim(cx - half, cx + half)
-    ax.set_ylim(cy - half, cy + half)
-    ax.set_aspect("equal")
-    ax.set(xlabel="x", ylabel="y", title=f"{TITLES[q.name]}\nGD trajectories and the teleport")
+    ax.set(xlim=(cx - half, cx + half), ylim=(cy - half, cy + half), aspect="equal", xlabel="x", ylabel="y",
+           title=f"{TITLES[q.name]}\nGD trajectories and the teleport")
     ax.legend(fontsize=8, loc="best")
     save_figure(fig, path, dpi)
 

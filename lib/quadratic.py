@@ -1,4 +1,5 @@
-"""SO(2) symmetries of two convex quadratics in the plane (Section 3; course-project examples).
+"""SO(2) symmetries of two convex quadratics in the plane, and gradient descent with one teleport on
+them (Section 3: Proposition 3.2, Propositions 3.5 / C.3, Theorem 3.1; course-project examples).
 
 Both functions are f(w) = ||M w - c||^2 with w = (x, y) and (u, v) = M w - c:
     x^2 + 9y^2 : M = [[1, 0], [0, 3]], c = 0       ((u, v) = (x, 3y))
@@ -15,6 +16,7 @@ Points w: tensors (..., 2), float64.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lib.config import check_choice
@@ -114,3 +116,63 @@ def teleport_angle(q, w, lr=0.5, max_steps=500, tol=1e-13):
         with torch.no_grad():
             theta += lr * d
     return theta.item(), step, before, objective().item()
+
+
+def optimality_ratio(q, w):
+    """||grad f(w)|| / max over w's level set of ||grad f||, shape (...): 1 where a teleport lands,
+    and by Propositions 3.5 / C.3 it stays 1 along gradient descent after that one teleport
+    (always < 1 off the top singular direction). 0/0 = nan at the minimiser."""
+    return grad(q, w).norm(dim=-1) / max_grad_norm_sq(q, w).sqrt()
+
+
+def teleport(q, w, lr=0.5, max_steps=500, tol=1e-13):
+    """Teleport w (2,) to g_theta . w, theta from teleport_angle (lr, max_steps, tol: its ascent).
+    Returns (the new point (2,), its record: theta by ascent and in closed form, ascent steps,
+    rho^2, w and f before and after). A point whose ||grad f||^2 is not a finite float (GD had
+    diverged) stays where it is, with the record {"skipped": why}."""
+    if not math.isfinite(max_grad_norm_sq(q, w).item()):
+        return w, {"skipped": "GD had diverged: ||grad f||^2 is not a finite float"}
+    theta, n, before, after = teleport_angle(q, w, lr, max_steps, tol)
+    w_new = so2_action(q, w, torch.tensor(theta, dtype=torch.float64)).detach()
+    return w_new, {"theta": theta, "theta_closed_form": optimal_angle(q, w), "ascent_steps": n,
+                   "ratio_sq_before": before, "ratio_sq_after": after, "w_before": w.tolist(),
+                   "w_after": w_new.tolist(), "loss_before": loss(q, w).item(), "loss_after": loss(q, w_new).item()}
+
+
+def descend(q, w0, lr, steps, teleport_step=None, ascent=(0.5, 500, 1e-13)):
+    """Gradient descent w <- w - lr grad f from w0 = (x, y) for `steps` steps; with teleport_step,
+    one teleport (teleport(q, w, *ascent)) right before that step. Returns the path (steps+1, 2),
+    or (steps+2, 2) with the teleport (the point before the jump is kept), the GD step of each
+    path point (numpy ints; both ends of the jump at the teleport step), and the teleport's
+    record with its "step" (or None). A diverging run goes on to inf and nan: torch does not raise."""
+    w, path, record = torch.tensor(w0, dtype=torch.float64), [], None
+    for t in range(steps + 1):
+        if t == teleport_step:
+            path.append(w.clone())
+            w, rec = teleport(q, w, *ascent)
+            record = {"step": t, **rec}
+        path.append(w.clone())
+        if t < steps:
+            w = w - lr * grad(q, w)
+    jump = [] if record is None else [teleport_step]
+    return torch.stack(path), np.array(sorted(list(range(steps + 1)) + jump)), record
+
+
+def newton_check(q, w, lr):
+    """Proposition 3.2 at w (2,): where ||grad f|| is maximal on the level set, g = grad f is a
+    Hessian eigenvector, H g = lambda_0 g, so the GD step lr g equals the damped Newton step
+    (lr lambda_0) H^{-1} g. Returns the angle between g and H g (rad), lambda_0 = g.Hg / g.g, the
+    damping lr lambda_0, and ||lr g - Newton step|| / ||lr g||."""
+    g, H = grad(q, w), hessian(q)
+    Hg = H @ g
+    angle = torch.atan2((g[0] * Hg[1] - g[1] * Hg[0]).abs(), g @ Hg).item()  # accurate near 0
+    lam0 = (g @ Hg / (g @ g)).item()
+    newton = lr * lam0 * torch.linalg.solve(H, g)
+    return {"angle_grad_Hgrad_rad": angle, "lambda_0": lam0, "newton_step_size": lr * lam0,
+            "gd_vs_newton_rel_err": ((lr * g - newton).norm() / (lr * g).norm()).item()}
+
+
+def steps_to(losses, target, steps):
+    """The GD step (steps: one per path point) of the first point with loss <= target, or None."""
+    hit = np.nonzero(np.asarray(losses) <= target)[0]
+    return int(steps[hit[0]]) if len(hit) else None

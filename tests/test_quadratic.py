@@ -13,8 +13,8 @@ import torch
 
 import teleport_quadratic as tq
 from lib.config import UsageError, resolve, run, with_preset
-from lib.quadratic import (FUNCTIONS, grad, hessian, loss, max_grad_norm_sq, optimal_angle, so2_action,
-                           teleport_angle, wrap_half_turn)
+from lib.quadratic import (FUNCTIONS, descend, grad, hessian, loss, max_grad_norm_sq, newton_check, optimal_angle,
+                           optimality_ratio, so2_action, steps_to, teleport, teleport_angle, wrap_half_turn)
 from lib.io import check_replace, load_json
 
 T = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
@@ -67,6 +67,48 @@ def test_teleport_ascent_finds_the_closed_form_maximiser(name, w):
     grid = torch.linspace(-math.pi / 2, math.pi / 2, 2001, dtype=torch.float64)
     vals = grad(q, so2_action(q, w, grid)).pow(2).sum(-1)
     assert abs(wrap_half_turn(grid[vals.argmax()].item() - optimal_angle(q, w))) < 2e-3
+
+
+def test_descend_records_the_teleport_jump_in_path_and_steps():
+    # x^2 + 9y^2 from (10, 0.1), lr 0.05: grad f = (2x, 18y), so x shrinks by 0.9 and y by 0.1 a step
+    q = FUNCTIONS["x2_9y2"]
+    base, sb, none = descend(q, (10.0, 0.1), 0.05, 10)
+    assert none is None and base.shape == (11, 2) and sb.tolist() == list(range(11))
+    assert torch.allclose(base[1], T([9.0, 0.01]))
+    tele, st, rec = descend(q, (10.0, 0.1), 0.05, 10, teleport_step=3, ascent=(0.5, 500, 1e-13))
+    assert tele.shape == (12, 2) and st.tolist() == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert torch.equal(tele[:4], base[:4]) and rec["step"] == 3          # the same GD until the jump
+    assert rec["w_before"] == tele[3].tolist() and rec["w_after"] == tele[4].tolist()
+    assert loss(q, tele[4]).item() == pytest.approx(loss(q, tele[3]).item(), rel=1e-12)
+    assert loss(q, tele[-1]).item() < 1e-10 * loss(q, base[-1]).item()  # the steep direction contracts by 0.1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ratio_is_one_after_the_teleport_and_gd_is_a_damped_newton_step(name):
+    # Propositions 3.5 / C.3: after one teleport the optimality ratio stays 1 along GD;
+    # Proposition 3.2: there grad f is a Hessian eigenvector (lambda_0 = 18) and GD = damped Newton
+    q, lr = FUNCTIONS[name], 0.02
+    path, _, rec = descend(q, (4.0, -2.0), lr, 20, teleport_step=2)
+    ratio = optimality_ratio(q, path)
+    assert (ratio[:3] < 0.99).all() and (ratio[3:] - 1).abs().max() < 1e-12
+    p32 = newton_check(q, path[3], lr)
+    assert p32["angle_grad_Hgrad_rad"] < 1e-12 and p32["lambda_0"] == pytest.approx(18.0)
+    assert p32["gd_vs_newton_rel_err"] < 1e-12 and p32["newton_step_size"] == pytest.approx(18 * lr)
+    off = newton_check(q, path[0], lr)  # before the teleport grad f is no eigenvector
+    assert off["angle_grad_Hgrad_rad"] > 0.05 and off["gd_vs_newton_rel_err"] > 0.05
+
+
+def test_ratio_on_the_flat_axis_is_one_third():
+    # x^2 + 9y^2 at (x, 0): ||grad f|| = 2|x| while the level set's maximum is 6|x|
+    assert optimality_ratio(FUNCTIONS["x2_9y2"], T([[2.0, 0.0], [-5.0, 0.0]])).tolist() == pytest.approx([1 / 3] * 2)
+
+
+def test_teleport_skips_a_non_finite_point_and_steps_to_finds_the_first_hit():
+    w = T([1e200, 1e200])
+    same, rec = teleport(FUNCTIONS["booth"], w)
+    assert same is w and "skipped" in rec and "theta" not in rec
+    assert steps_to([5.0, 1.0, 0.5, 0.1], 0.5, np.array([0, 1, 1, 2])) == 1
+    assert steps_to([5.0, 1.0], 0.5, np.array([0, 1])) is None
 
 
 @pytest.fixture(scope="module")
