@@ -26,24 +26,36 @@ makes ||grad L||^2 or the weights non-finite, or moves the loss on its own telep
 10 % (the table counts these). Step sizes TELE_LR_*, tuned per action by the sweep: gl46 1e-3,
 gl46-last 1e-3, rescale 1e-2 (of 1e-3 ... 1); the wider network reuses them.
 
-    python teleport_relu_rescaling.py --data-dir=../shared/data/mnist5k     # the protocol
-    python teleport_relu_rescaling.py --widths=[784,128,64,10] ...           # the wider network
-    python teleport_relu_rescaling.py --plot-only ...                        # redraw from results
-    python tune_rescaling_step_sizes.py ...                                  # the step-size sweep
+    python teleport_relu_rescaling.py                                 # the protocol
+    python teleport_relu_rescaling.py --widths=[784,128,64,10]        # the wider network
+    python teleport_relu_rescaling.py --plot-only ...                 # redraw the figures from results
+    python tune_rescaling_step_sizes.py ...                           # the step-size sweep
+
+The defaults are the protocol of the committed results; results made with other settings or on
+other data are not replaced without --replace (--out-dir=DIR writes elsewhere). Each (activation,
+optimizer, arm) is a unit of progress (lib.progress): an interrupted run, started again with the
+same command, resumes. A model whose training or test loss turns non-finite or absurd (> 1e6) is
+recorded as diverged, with the epoch, and left out of the table's means, gains and drifts with a
+count; its teleports are left out of the drift figure.
 
 Outputs: under OUT_DIR, figures/rescaling/<tag>_<activation>_<optimizer>_{loss,drift}.png,
 results/rescaling/<tag>_<activation>_<optimizer>.json (resolved config, environment, data, per arm
-the training curves, every teleport's record and a summary) and results/rescaling/<tag>_table.{json,md}
-(<tag> = dataset, plus the widths when not the dataset's preset, plus TAG when given).
+the training curves, every teleport's record, the epoch each diverged model diverged at and a
+summary) and results/rescaling/<tag>_table.{json,md} (<tag> = dataset, plus the widths when not
+the dataset's preset, plus TAG when given). The set replaces the previous one only when the run
+completes; progress is kept in OUT_DIR/.progress/. --plot-only redraws the figures and prints
+the table, and writes nothing else.
 
 CPU runtime (2 cores shared with other jobs, load ~14; 4,000-image MNIST subset): the protocol ~5 min
-per activation (run as two processes), 784-128-64-10 ~17 min per activation; --quick (500 images,
-2 seeds, 3 epochs): 30 s with OMP_NUM_THREADS=1 (load ~3), half of it drawing the 8 figures.
+per activation, 784-128-64-10 ~17 min per activation (one torch thread on a CPU unless
+OMP_NUM_THREADS is set: this small MLP is launch-bound); --quick (500 images, 2 seeds, 3 epochs):
+26 s of CPU time, 15 s of it drawing the 8 figures; 48-55 s on the 2 cores at load 3-6.
 Headline (mnist5k): rescaling is exact (test-set drift <= 3.4e-7, float32 round-off) where GL(46)
 drifts it by a median 3e-6 ... 3e-4 (max 3.5e-2) and takes 2-3x longer per teleport; at the tuned step sizes it gives the
 lowest mean training loss after 20 epochs in 3 of 4 settings, but by less than the seed-to-seed spread
 of the paired difference, and on Adagrad most of any gain is the optimizer reset (reset-only control).
 """
+import math
 import os
 
 import numpy as np
@@ -53,13 +65,15 @@ from lib.actions import GLAction, RescaleAction, group_element
 from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run
 from lib.data import load
-from lib.io import environment, experiment_dirs, load_results, relative, save_json, save_text
+from lib.io import (check_replace, environment, experiment_dirs, load_results, relative, save_json, save_text,
+                    staged)
 from lib.models import ACTIVATIONS as ACTIVATION_CHOICES, activation
 from lib.optim import OPTIMIZERS as OPTIMIZER_CHOICES, check_strategy
 from lib.plots import COLORS, plot_mean_std, save_figure
-from lib.report import format_row, markdown_table
+from lib.progress import Checkpoint
+from lib.report import diverged, finite_stats, format_row, markdown_table
 from lib.teleport import make_objective
-from lib.train import fit, make_model
+from lib.train import make_model
 
 # ---- config ---------------------------------------------------------------------------------
 DATASET = "MNIST"              # MNIST, FashionMNIST or CIFAR10
@@ -86,13 +100,15 @@ REJECT_DRIFT = 0.1             # undo a model's teleport if its loss on the tele
 OPT_STATE = "reset"            # optimizer state after a teleport: reset, keep or transport
 TELE_SEED = 2024               # seed of the teleport batches (the same in every arm)
 REPORT_EPOCHS = [1, 5, 20]     # epochs (1-based) whose losses go into the table
-PLOT_ONLY = False              # redraw figures and table from saved results, no training
+PLOT_ONLY = False              # redraw the figures from saved results (the table is printed, not rewritten)
 DATA_DIR = "data"              # folder in torchvision's layout
 DEVICE = "cpu"                 # cpu, cuda or auto
 OUT_DIR = "."                  # figures/ and results/ go under this folder
 TAG = ""                       # extra name for the output files of a variant run, e.g. "big-steps"
 PROGRESS = True                # tqdm progress bars
 FIG_DPI = 150                  # resolution of the PNG figures
+CHECKPOINT_S = 30.0            # save progress after at most this many seconds of work (0: every epoch)
+REPLACE = False                # True: replace saved results made with other settings or data
 # ---------------------------------------------------------------------------------------------
 PRESETS = {"DATASET": {"MNIST": {"WIDTHS": [784, 16, 10, 10]}, "FashionMNIST": {"WIDTHS": [784, 16, 10, 10]},
                        "CIFAR10": {"WIDTHS": [3072, 16, 10, 10]}}}
@@ -107,6 +123,7 @@ TELE_LR_SETTING = {"gl46": "TELE_LR_GL46", "gl46-last": "TELE_LR_GL46_LAST", "re
 ARM_NAMES = ("none", "reset-only", *ACTIONS)
 OBJECTIVES = ("log_grad_norm", "grad_norm")
 FLOOR = 1e-10                   # drift plotted at this floor where it is exactly 0 (log scale)
+ALL_DIVERGED = "nothing finite to draw: every seed diverged"
 
 
 def check_protocol(cfg):
@@ -137,6 +154,7 @@ def validate(cfg):
     for name in cfg["ARMS"]:
         check_choice("arm", name, ARM_NAMES)
     check_positive("epochs", cfg["EPOCHS"], allow_zero=False)
+    check_positive("checkpoint_s", cfg["CHECKPOINT_S"])
     for setting in TELE_LR_SETTING.values():
         check_positive(setting.lower(), cfg[setting])
 
@@ -150,6 +168,10 @@ def tag_of(cfg):
 
 
 def load_data(cfg):
+    """The run's data; on a CPU, unless OMP_NUM_THREADS says otherwise, one torch thread (a
+    784-16-10-10 MLP at batch 20 is launch-bound: one thread is fastest)."""
+    if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
     data = load(cfg["DATASET"], cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
     if data.x_train.shape[1] != cfg["WIDTHS"][0]:
         raise UsageError(f"WIDTHS[0] = {cfg['WIDTHS'][0]} but {cfg['DATASET']} images have {data.x_train.shape[1]} values")
@@ -183,39 +205,52 @@ def with_grad_norms(rec, objective):
     return rec
 
 
-def run_arm(cfg, name, data, act_name, optimizer, epochs, tele_lr=None, desc=""):
-    """Train len(SEEDS) models of one arm as one batched model. Returns (history, teleport records:
-    one per teleport moment with test_loss_before/after and `failed` per model; [] for the arms
-    that do not teleport)."""
+def run_arm(cfg, ckpt, unit, name, data, act_name, optimizer, epochs, tele_lr=None):
+    """Train len(SEEDS) models of one arm as one batched model: the unit `unit` of the run's
+    progress ckpt (lib.progress.Checkpoint: a finished unit is not run again, an interrupted one
+    resumes). Returns (history, teleport records: one per teleport moment with
+    test_loss_before/after and `failed` per model; [] for the arms that do not teleport)."""
+    if ckpt.unit(unit) is not None:
+        return ckpt.unit(unit)["history"], ckpt.unit(unit)["teleports"]
     act = activation(act_name)
     arm = make_arm(cfg, name, act, tele_lr)
     W, opt = make_model(cfg["WIDTHS"], cfg["SEEDS"], optimizer, cfg["LR"], cfg["DEVICE"])
     moments = Moments(tuple(cfg["TELE_EPOCHS"]), cfg["TELE_BATCHES"], cfg["TELE_BATCH_SIZE"], cfg["TELE_SEED"])
     hook = ArmHook(W, opt, data, act, [arm], moments, test_drift=arm.move == "teleport")
-    hist = fit(W, opt, data, act, epochs, cfg["BATCH_SIZE"], hook=hook, desc=desc, progress=cfg["PROGRESS"])
-    if arm.move != "teleport":
-        return hist, []
-    return hist, [with_grad_norms(r, cfg["OBJECTIVE"]) for r in hook.records[name]]
+    hist = ckpt.fit(unit, W, opt, data, act, epochs, cfg["BATCH_SIZE"], hook=hook, desc=unit,
+                    progress=cfg["PROGRESS"])
+    recs = [with_grad_norms(r, cfg["OBJECTIVE"]) for r in hook.records[name]] if arm.move == "teleport" else []
+    ckpt.finish_unit(unit, {"history": hist, "teleports": recs})
+    return hist, recs
 
 
-def per_teleport(recs, key):
-    """A recorded quantity for every teleport and model, (n_teleports, K); nan where it failed."""
+def diverged_at(hist):
+    """Per seed, the first (1-based) epoch whose training or test loss is non-finite or above 1e6
+    (lib.report.diverged), or None."""
+    at = [diverged(np.asarray(hist[k], dtype=float).T) for k in ("train_loss", "test_loss")]
+    return [min((e for e in pair if e is not None), default=None) for pair in zip(*at)]
+
+
+def per_teleport(recs, key, ok):
+    """A recorded quantity for every teleport and model, (n_teleports, K); nan where the teleport
+    failed and for the models that diverged (ok: (K,) bool, False for those)."""
     K = len(next(r["failed"] for r in recs))
     out = np.array([[np.nan if v is None else v for v in r.get(key, [np.nan] * K)] for r in recs], dtype=float)
-    out[np.array([r["failed"] for r in recs], dtype=bool)] = np.nan
+    out[np.array([r["failed"] for r in recs], dtype=bool) | ~np.asarray(ok, dtype=bool)] = np.nan
     return out
 
 
-def rel_drift(recs, key):
+def rel_drift(recs, key, ok):
     """|L_after - L_before| / L_before for every teleport and model: (n_teleports, K)."""
-    b, a = per_teleport(recs, f"{key}_before"), per_teleport(recs, f"{key}_after")
-    return np.abs(a - b) / b
+    b, a = per_teleport(recs, f"{key}_before", ok), per_teleport(recs, f"{key}_after", ok)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.abs(a - b) / b
 
 
-def gain(recs):
+def gain(recs, ok):
     """||grad L||^2 after / before on the teleport batch: (n_teleports, K)."""
-    with np.errstate(invalid="ignore"):
-        return per_teleport(recs, "grad_norm_after") / per_teleport(recs, "grad_norm_before")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return per_teleport(recs, "grad_norm_after", ok) / per_teleport(recs, "grad_norm_before", ok)
 
 
 def nanstat(f, x):
@@ -224,22 +259,23 @@ def nanstat(f, x):
 
 
 def summarize(hist, recs, report_epochs):
-    """The table's numbers for one arm: mean losses at the report epochs, median gain and drifts
-    over the successful teleports, the fraction of teleports undone, mean teleport time."""
-    tr, te = np.array(hist["train_loss"], dtype=float), np.array(hist["test_loss"], dtype=float)
-    s = {f"train_{e}": float(tr[e - 1].mean()) for e in report_epochs}
-    s.update({f"test_{e}": float(te[e - 1].mean()) for e in report_epochs})
-    s["test_acc_final"] = float(np.mean(hist["test_acc"][-1]))
-    s["train_time_s"] = float(hist["time_s"][-1])
+    """The table's numbers for one arm, over the seeds that did not diverge (diverged_at; their
+    number in n_diverged): mean losses at the report epochs and final accuracy, median gain and
+    drifts over their successful teleports; the fraction of all teleports undone, mean teleport time."""
+    at = diverged_at(hist)
+    ok = np.array([e is None for e in at])
+    s = {f"{k}_{e}": finite_stats(hist[f"{k}_loss"][e - 1], ok)[0] for k in ("train", "test") for e in report_epochs}
+    s.update(test_acc_final=finite_stats(hist["test_acc"][-1], ok)[0], train_time_s=float(hist["time_s"][-1]),
+             diverged=at, n_diverged=int((~ok).sum()))
     nan = float("nan")
     s.update(grad_gain_median=nan, grad_gain_mean=nan, drift_batch_median=nan, drift_heldout_median=nan,
              drift_test_median=nan, drift_test_max=nan, failed_fraction=nan, teleport_time_s=nan)
     if recs:
-        s.update(grad_gain_median=nanstat(np.median, gain(recs)), grad_gain_mean=nanstat(np.mean, gain(recs)),
-                 drift_batch_median=nanstat(np.median, rel_drift(recs, "loss")),
-                 drift_heldout_median=nanstat(np.median, rel_drift(recs, "heldout_loss")),
-                 drift_test_median=nanstat(np.median, rel_drift(recs, "test_loss")),
-                 drift_test_max=nanstat(np.max, rel_drift(recs, "test_loss")),
+        s.update(grad_gain_median=nanstat(np.median, gain(recs, ok)), grad_gain_mean=nanstat(np.mean, gain(recs, ok)),
+                 drift_batch_median=nanstat(np.median, rel_drift(recs, "loss", ok)),
+                 drift_heldout_median=nanstat(np.median, rel_drift(recs, "heldout_loss", ok)),
+                 drift_test_median=nanstat(np.median, rel_drift(recs, "test_loss", ok)),
+                 drift_test_max=nanstat(np.max, rel_drift(recs, "test_loss", ok)),
                  failed_fraction=float(np.mean([r["failed"] for r in recs])),
                  teleport_time_s=nanstat(np.mean, [r.get("time_s", nan) for r in recs]))
     return s
@@ -254,19 +290,33 @@ def title(res):
     return f"{res['tag']} on {res['label']}" if "label" in res else res["tag"]
 
 
+def log_axis(ax, empty):
+    """A log y axis; where no positive finite value is drawn, a fixed span and the note `empty`
+    (instead of matplotlib's error)."""
+    y = np.concatenate([np.asarray(line.get_ydata(), dtype=float).ravel() for line in ax.lines] or [[]])
+    ax.set_yscale("log")
+    if not (np.isfinite(y) & (y > 0)).any():
+        ax.set_ylim(0.1, 10)
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center")
+
+
 def plot_loss(res, path, dpi):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for arm, r in res["arms"].items():
         h = r["history"]
-        E = len(h["train_loss"])
-        plot_mean_std(axes[0], np.arange(1, E + 1), np.array(h["train_loss"]).T, arm, color(arm))
-        test = np.array([h["test_loss_init"], *h["test_loss"]]).T
-        plot_mean_std(axes[1], np.arange(0, E + 1), test, arm, color(arm))
+        train = np.array(h["train_loss"], dtype=float).T
+        test = np.array([h["test_loss_init"], *h["test_loss"]], dtype=float).T
+        for k, e in enumerate(diverged_at(h)):  # a seed diverged in either curve is cut in both
+            if e is not None:
+                train[k, e - 1:] = test[k, e:] = np.nan
+        plot_mean_std(axes[0], np.arange(1, train.shape[1] + 1), train, arm, color(arm))
+        plot_mean_std(axes[1], np.arange(0, test.shape[1]), test, arm, color(arm))
     for ax, name in zip(axes, ("training loss (mean over the epoch's batches)", "test loss")):
+        log_axis(ax, ALL_DIVERGED)
         for e in res["config"]["TELE_EPOCHS"]:
             ax.axvline(e, color="0.8", linestyle=":", linewidth=1)
-        ax.set(xlabel="epoch", ylabel=name, yscale="log")
+        ax.set(xlabel="epoch", ylabel=name)
         ax.legend()
     fig.suptitle(f"{title(res)}, {res['activation']}, {res['optimizer']} (mean ± std over {len(res['config']['SEEDS'])} "
                  f"seeds; dotted: teleport epochs; SGD has no state, so reset-only = none)", fontsize=9)
@@ -274,6 +324,7 @@ def plot_loss(res, path, dpi):
 
 
 def plot_drift(res, path, dpi):
+    """Per teleport, gain and drifts of every seed (dots; not those of diverged seeds) and their median."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
     panels = (("objective", "||grad L||² after / before (teleport batch)"),
@@ -282,14 +333,15 @@ def plot_drift(res, path, dpi):
         recs = r["teleports"]
         if not recs:
             continue
-        x = np.arange(1, len(recs) + 1)
+        x, ok = np.arange(1, len(recs) + 1), [e is None for e in diverged_at(r["history"])]
         for ax, (key, _) in zip(axes, panels):
-            y = gain(recs) if key == "objective" else np.maximum(rel_drift(recs, key), FLOOR)
+            y = gain(recs, ok) if key == "objective" else np.maximum(rel_drift(recs, key, ok), FLOOR)
             ax.plot(np.repeat(x, y.shape[1]), y.ravel(), ".", color=color(arm), alpha=0.35, markersize=4)
-            ax.plot(x, [nanstat(np.median, row) for row in y], "-", color=color(arm), label=arm)
+            lost = f" ({len(ok) - sum(ok)} of {len(ok)} diverged, not drawn)" if not all(ok) else ""
+            ax.plot(x, [nanstat(np.median, row) for row in y], "-", color=color(arm), label=arm + lost)
     for ax, (key, name) in zip(axes, panels):
-        ax.set(xlabel="teleport (epochs " + ", ".join(map(str, res["config"]["TELE_EPOCHS"])) + ")",
-               ylabel=name, yscale="log")
+        ax.set(xlabel="teleport (epochs " + ", ".join(map(str, res["config"]["TELE_EPOCHS"])) + ")", ylabel=name)
+        log_axis(ax, ALL_DIVERGED if ax.lines else "no arm teleports")
         if ax.lines:  # some arm teleported
             ax.legend()
     fig.suptitle(f"{title(res)}, {res['activation']}, {res['optimizer']}: per teleport, dots = seeds, "
@@ -298,64 +350,79 @@ def plot_drift(res, path, dpi):
 
 
 def table(cfg, all_res):
-    """Printed and saved table rows: one per (activation, optimizer, arm)."""
+    """Printed and saved table rows: one per (activation, optimizer, arm), summarized from the
+    curves and records (summarize: the seeds that diverged are left out, and counted)."""
     eps = [e for e in cfg["REPORT_EPOCHS"] if e <= cfg["EPOCHS"]]
     header = (["activation", "optimizer", "arm"] + [f"train@{e}" for e in eps] + [f"test@{e}" for e in eps]
               + ["acc@end %", "‖∇L‖² gain (median)", "drift batch (median)", "drift test (median)",
-                 "drift test (max)", "undone %", "teleport s", "train s"])
+                 "drift test (max)", "undone %", "teleport s", "train s", "diverged seeds"])
     rows = []
     for res in all_res:
         for arm, r in res["arms"].items():
-            s = {k: float("nan") if v is None else v for k, v in r["summary"].items()}  # nan saved as null
+            s = summarize(r["history"], r["teleports"], eps)
+            bad = sorted(e for e in s["diverged"] if e is not None)
             rows.append([res["activation"], res["optimizer"], arm] + [s[f"train_{e}"] for e in eps]
                         + [s[f"test_{e}"] for e in eps]
                         + [s["test_acc_final"], s["grad_gain_median"], s["drift_batch_median"],
                            s["drift_test_median"], s["drift_test_max"], 100 * s["failed_fraction"],
-                           s["teleport_time_s"], s["train_time_s"]])
+                           s["teleport_time_s"], s["train_time_s"],
+                           f"{len(bad)} of {len(s['diverged'])} (from epoch {bad[0]})" if bad else "0"])
     return header, rows
 
 
-def train_pair(cfg, data, act_name, optimizer, tag):
+def train_pair(cfg, ckpt, data, act_name, optimizer, tag):
     """Every arm for one activation and optimizer: the results dict saved per pair."""
     res = {"config": saved_config(cfg), "environment": environment(), "data": data.info, "label": data.label,
-           "tag": tag, "widths": cfg["WIDTHS"], "activation": act_name, "optimizer": optimizer,
-           "n_train": len(data.y_train), "n_test": len(data.y_test), "arms": {}}
+           "tag": tag, "widths": cfg["WIDTHS"], "activation": act_name, "optimizer": optimizer, "arms": {}}
     eps = [e for e in cfg["REPORT_EPOCHS"] if e <= cfg["EPOCHS"]]
     for arm in cfg["ARMS"]:
-        hist, recs = run_arm(cfg, arm, data, act_name, optimizer, cfg["EPOCHS"], desc=f"{act_name} {optimizer} {arm}")
+        hist, recs = run_arm(cfg, ckpt, f"{act_name} {optimizer} {arm}", arm, data, act_name, optimizer, cfg["EPOCHS"])
         s = summarize(hist, recs, eps)
-        res["arms"][arm] = {"history": hist, "teleports": recs, "summary": s}
+        ok = [e is None for e in s["diverged"]]
+        res["arms"][arm] = {"history": hist, "teleports": recs, "diverged": s.pop("diverged"), "summary": s}
         print(format_row({"act": act_name, "opt": optimizer, "arm": arm,
-                          "train": float(np.mean(hist["train_loss"][-1])), "test": float(np.mean(hist["test_loss"][-1])),
-                          "gain": s["grad_gain_median"], "drift_test": s["drift_test_median"],
-                          "tele_s": s["teleport_time_s"], "train_s": s["train_time_s"]}), flush=True)
+                          "train": finite_stats(hist["train_loss"][-1], ok)[0],
+                          "test": finite_stats(hist["test_loss"][-1], ok)[0], "gain": s["grad_gain_median"],
+                          "drift_test": s["drift_test_median"], "tele_s": s["teleport_time_s"],
+                          "train_s": s["train_time_s"],
+                          **({"diverged": f"{s['n_diverged']} of {len(ok)}"} if s["n_diverged"] else {})}), flush=True)
     return res
 
 
 def main(cfg):
     validate(cfg)
-    fig_dir, res_dir = experiment_dirs(EXPERIMENT, cfg["OUT_DIR"])
-    tag = tag_of(cfg)
+    tag, stem = tag_of(cfg), os.path.join(cfg["OUT_DIR"], "results", EXPERIMENT, tag_of(cfg))
     pairs = [(a, o) for a in cfg["ACTIVATIONS"] for o in cfg["OPTIMIZERS"]]
     if cfg["PLOT_ONLY"]:
-        all_res = [load_results(os.path.join(res_dir, f"{tag}_{a}_{o}.json")) for a, o in pairs]
-    else:
+        all_res = [load_results(f"{stem}_{a}_{o}.json") for a, o in pairs]
+    else:  # saved results of other settings or data are refused (a pair's do not depend on which pairs run)
+        outputs = {f"{stem}_{a}_{o}.json": ("ACTIVATIONS", "OPTIMIZERS") for a, o in pairs} | {f"{stem}_table.json": ()}
+        for path, ignore in outputs.items():
+            check_replace(path, saved_config(cfg), ignore)
         data = load_data(cfg)
-        all_res = []
-        for act_name, optimizer in pairs:
-            res = train_pair(cfg, data, act_name, optimizer, tag)
-            save_json(os.path.join(res_dir, f"{tag}_{act_name}_{optimizer}.json"), res)
-            all_res.append(res)
-    for res in all_res:
-        base = os.path.join(fig_dir, f"{tag}_{res['activation']}_{res['optimizer']}")
-        plot_loss(res, base + "_loss.png", cfg["FIG_DPI"])
-        plot_drift(res, base + "_drift.png", cfg["FIG_DPI"])
-    header, rows = table(all_res[0]["config"], all_res)
-    md = markdown_table(header, rows)
-    print(md)
-    save_json(os.path.join(res_dir, f"{tag}_table.json"),
-              {"config": saved_config(cfg), "environment": environment(), "header": header, "rows": rows})
-    save_text(os.path.join(res_dir, f"{tag}_table.md"), md + "\n")
+        for path, ignore in outputs.items():
+            check_replace(path, saved_config(cfg), ignore, data=data)
+        ckpt = Checkpoint(cfg, f"teleport_relu_rescaling-{tag}")
+        all_res = [train_pair(cfg, ckpt, data, a, o, tag) for a, o in pairs]
+    with staged(cfg["OUT_DIR"]) as out:  # the outputs replace the previous set only when all are written
+        fig_dir, res_dir = experiment_dirs(EXPERIMENT, out)
+        for res in all_res:
+            base = f"{tag}_{res['activation']}_{res['optimizer']}"
+            if not cfg["PLOT_ONLY"]:
+                save_json(os.path.join(res_dir, base + ".json"), res)
+            plot_loss(res, os.path.join(fig_dir, base + "_loss.png"), cfg["FIG_DPI"])
+            plot_drift(res, os.path.join(fig_dir, base + "_drift.png"), cfg["FIG_DPI"])
+        header, rows = table(all_res[0]["config"], all_res)
+        md = markdown_table(header, [[v if not isinstance(v, float) or math.isfinite(v) else "–" for v in row]
+                                     for row in rows])
+        print(md)
+        if not cfg["PLOT_ONLY"]:
+            save_json(os.path.join(res_dir, f"{tag}_table.json"),
+                      {"config": saved_config(cfg), "environment": environment(), "data": all_res[0]["data"],
+                       "header": header, "rows": rows})
+            save_text(os.path.join(res_dir, f"{tag}_table.md"), md + "\n")
+    if not cfg["PLOT_ONLY"]:
+        ckpt.finish()
     return all_res
 
 

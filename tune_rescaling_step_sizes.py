@@ -6,21 +6,29 @@ TUNE_EPOCHS epochs (3: covers the teleports of epochs 0 and 2) with that arm alo
 teleport_relu_rescaling.py runs it (its functions are imported), and picks per action the step size
 with the lowest training loss of the last epoch, averaged over the activation/optimizer pairs, among
 the step sizes with at most TUNE_MAX_UNDONE of the teleports undone by the guard (none such: the
-fewest undone, then the lowest loss). A run whose training loss is not finite counts as infinite.
+fewest undone, then the lowest loss). A run in which some seed diverged (a training or test loss
+non-finite or above 1e6, lib.report.diverged) counts as infinite.
 
-    python tune_rescaling_step_sizes.py --data-dir=../shared/data/mnist5k --arms="['rescale']"
-    python tune_rescaling_step_sizes.py --data-dir=../shared/data/mnist5k --arms="['gl46','gl46-last']"
+    python tune_rescaling_step_sizes.py --arms="['rescale']"             # the committed sweeps
+    python tune_rescaling_step_sizes.py --arms="['gl46','gl46-last']"
     python tune_rescaling_step_sizes.py --plot-only --arms="['rescale']"    # the table of a saved sweep
     python tune_rescaling_step_sizes.py --plot-only --sweep-name=plain_grad_norm_no_drift_guard
 
+Results made with other settings or on other data are not replaced without --replace. Each run
+(action, step size, activation, optimizer) is a unit of progress (lib.progress): an interrupted
+sweep, started again with the same command, resumes.
+
 Outputs: under OUT_DIR, results/rescaling/<tag>_stepsize_sweep_<name>.json (resolved config,
-environment, data, one row per run, per action the scores [step size, fraction undone, mean training
-loss] and the chosen step sizes; <tag> as in teleport_relu_rescaling.py, <name> = SWEEP_NAME or the
-swept ARMS joined by "_"); the table of scores is printed.
+environment, data, one row per run with its mean training loss over the seeds that did not diverge
+and how many diverged, per action the scores [step size, fraction undone, mean training loss] and the
+chosen step sizes; <tag> as in teleport_relu_rescaling.py, <name> = SWEEP_NAME or the swept ARMS
+joined by "_"), written when the sweep completes; the table of scores is printed. Progress is kept
+in OUT_DIR/.progress/.
 
 CPU runtime (2 cores shared with other jobs, load ~14; 4,000-image MNIST subset): ~10 min per
-process (one per ARMS choice above); --quick (500 images, 2 seeds, 2 step sizes): 15-20 s with
-OMP_NUM_THREADS=1 (load ~3).
+process (one per ARMS choice above); --quick (500 images, 2 seeds, 2 step sizes): 13 s of CPU time,
+19-29 s on the 2 cores at load 4-6 (one torch thread unless OMP_NUM_THREADS is set, as in
+teleport_relu_rescaling.py).
 Headline (mnist5k, log objective, guard 0.1): gl46 1e-3, gl46-last 1e-3, rescale 1e-2 (of 1e-3 ... 1);
 from 1e-2 (gl46) and 3e-2 (gl46-last, rescale) on, some activation/optimizer pair ends with a
 non-finite training loss. Plain ascent on ||grad L||^2 without the drift guard
@@ -35,7 +43,8 @@ import numpy as np
 
 import teleport_relu_rescaling as rescaling
 from lib.config import UsageError, check_choice, check_positive, run
-from lib.io import environment, experiment_dirs, load_results, save_json
+from lib.io import check_replace, environment, load_results, save_json, staged
+from lib.progress import Checkpoint
 from lib.report import format_row, markdown_table
 
 # ---- config ---------------------------------------------------------------------------------
@@ -68,6 +77,8 @@ DEVICE = "cpu"                 # cpu, cuda or auto
 OUT_DIR = "."                  # results/ goes under this folder
 TAG = ""                       # extra name for the output file of a variant run
 PROGRESS = True                # tqdm progress bars
+CHECKPOINT_S = 30.0            # save progress after at most this many seconds of work (0: every epoch)
+REPLACE = False                # True: replace a saved sweep made with other settings or data
 # ---------------------------------------------------------------------------------------------
 PRESETS = rescaling.PRESETS
 QUICK_SETTINGS = {"TRAIN_SIZE": 500, "SEEDS": [0, 1], "TELE_BATCHES": 2, "TELE_BATCH_SIZE": 40, "TELE_STEPS": 3,
@@ -90,6 +101,7 @@ def validate(cfg):
         check_positive("tune step size", lr)
     check_positive("tune_max_undone", cfg["TUNE_MAX_UNDONE"])
     check_positive("tune_epochs", cfg["TUNE_EPOCHS"], allow_zero=False)
+    check_positive("checkpoint_s", cfg["CHECKPOINT_S"])
     if not all(c.isalnum() or c in "-._" for c in cfg["SWEEP_NAME"]):
         raise UsageError(f"SWEEP_NAME may hold letters, digits, '-', '_' and '.', got {cfg['SWEEP_NAME']!r}")
 
@@ -111,23 +123,24 @@ def pick(scores, max_undone):
     return best
 
 
-def sweep(cfg, data):
-    """Every action x step size x activation x optimizer. Returns (rows, scores)."""
+def sweep(cfg, data, ckpt):
+    """Every action x step size x activation x optimizer, each run a unit of ckpt's progress.
+    Returns (rows, scores)."""
     rows, scores, last, protocol = [], {}, cfg["TUNE_EPOCHS"], {k: cfg[k] for k in PROTOCOL}
     for arm in cfg["ARMS"]:
         scores[arm] = []
         for lr in cfg["TUNE_LRS"]:
             losses, undone = [], []
             for act_name, optimizer in product(cfg["ACTIVATIONS"], cfg["OPTIMIZERS"]):
-                hist, recs = rescaling.run_arm(protocol, arm, data, act_name, optimizer, last, lr,
-                                               desc=f"tune {arm} {lr:g} {act_name} {optimizer}")
+                hist, recs = rescaling.run_arm(protocol, ckpt, f"tune {arm} {lr:g} {act_name} {optimizer}", arm,
+                                               data, act_name, optimizer, last, lr)
                 s = rescaling.summarize(hist, recs, [last])
-                loss = s[f"train_{last}"]
-                losses.append(loss if math.isfinite(loss) else math.inf)
+                losses.append(math.inf if s["n_diverged"] else s[f"train_{last}"])
                 undone.append(s["failed_fraction"])
                 row = {"arm": arm, "tele_lr": lr, "activation": act_name, "optimizer": optimizer,
-                       "train_loss_last": loss, "grad_gain_median": s["grad_gain_median"],
-                       "drift_test_median": s["drift_test_median"], "undone": s["failed_fraction"]}
+                       "train_loss_last": s[f"train_{last}"], "diverged": s["n_diverged"],
+                       "grad_gain_median": s["grad_gain_median"], "drift_test_median": s["drift_test_median"],
+                       "undone": s["failed_fraction"]}
                 rows.append(row)
                 print(format_row(row), flush=True)
             scores[arm].append([lr, float(np.mean(undone)), float(np.mean(losses))])
@@ -142,18 +155,23 @@ def score_table(scores, best):
 
 def main(cfg):
     validate(cfg)
-    _, res_dir = experiment_dirs(rescaling.EXPERIMENT, cfg["OUT_DIR"])
-    tag = rescaling.tag_of({k: cfg[k] for k in PROTOCOL})
-    path = os.path.join(res_dir, f"{tag}_stepsize_sweep_{cfg['SWEEP_NAME'] or '_'.join(cfg['ARMS'])}.json")
+    protocol = {k: cfg[k] for k in PROTOCOL}
+    name = f"{rescaling.tag_of(protocol)}_stepsize_sweep_{cfg['SWEEP_NAME'] or '_'.join(cfg['ARMS'])}.json"
+    path = os.path.join(cfg["OUT_DIR"], "results", rescaling.EXPERIMENT, name)
     if cfg["PLOT_ONLY"]:
         res = load_results(path)
         res["best"] = pick(res["scores"], res["config"].get("TUNE_MAX_UNDONE", cfg["TUNE_MAX_UNDONE"]))
     else:
-        data = rescaling.load_data({k: cfg[k] for k in PROTOCOL})
-        rows, scores = sweep(cfg, data)
+        check_replace(path, rescaling.saved_config(cfg))
+        data = rescaling.load_data(protocol)
+        check_replace(path, rescaling.saved_config(cfg), data=data)
+        ckpt = Checkpoint(cfg, f"tune_rescaling_step_sizes-{name[:-5]}")
+        rows, scores = sweep(cfg, data, ckpt)
         res = {"config": rescaling.saved_config(cfg), "environment": environment(), "data": data.info,
                "rows": rows, "best": pick(scores, cfg["TUNE_MAX_UNDONE"]), "scores": scores}
-        save_json(path, res)
+        with staged(cfg["OUT_DIR"]) as out:
+            save_json(os.path.join(out, "results", rescaling.EXPERIMENT, name), res)
+        ckpt.finish()
     print(score_table(res["scores"], res["best"]))
     for arm, lr in res["best"].items():
         print(f"{arm}: chosen teleport step size {lr:g}")

@@ -1,4 +1,6 @@
-"""teleport_relu_rescaling.py: the exact rescaling teleport vs GL(46), on tiny fake MNIST files."""
+"""teleport_relu_rescaling.py: the exact rescaling teleport vs GL(46), on tiny fake MNIST files;
+the defaults as the committed protocol (other settings or data do not replace saved results),
+resume after an interruption, divergence as a result."""
 import json
 import os
 import subprocess
@@ -7,16 +9,34 @@ import sys
 import pytest
 import torch
 
+import lib.progress
 import teleport_relu_rescaling as script
 from lib.arms import ArmHook, Moments
 from lib.config import resolve, run
 from lib.data import load, write_fake
 from lib.models import activation, forward
+from lib.progress import PLUMBING
 from lib.teleport import make_objective
 from lib.train import fit, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def _files(root):
+    """{path: bytes} of every output file under root (the hidden .progress/ and .staging-* aside)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the script uses on a CPU: this small MLP is launch-bound, and two
+    threads stall each other on busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
@@ -119,6 +139,26 @@ def test_summarize_reads_the_right_epochs_and_drifts():
     assert s["drift_heldout_median"] == 0.0 and s["teleport_time_s"] == 0.5
 
 
+def test_a_diverged_seed_is_left_out_of_the_summary_with_a_count(tmp_path):
+    nan = float("nan")
+    hist = {"train_loss": [[1.0, 1.0], [0.5, nan]], "test_loss": [[1.0, 2e7], [0.6, None]],  # seed 1: epoch 1
+            "test_acc": [[50.0, 10.0], [60.0, 10.0]], "time_s": [1.0, 2.0], "test_loss_init": [2.3, 2.3]}
+    recs = [{"grad_norm_before": [1.0, 1.0], "grad_norm_after": [2.0, 1e9], "loss_before": [1.0, 1.0],
+             "loss_after": [1.0, 1.0], "test_loss_before": [1.0, 1.0], "test_loss_after": [1.0, 1e9],
+             "failed": [False, False]}]
+    s = script.summarize(hist, recs, [1, 2])
+    assert s["diverged"] == [None, 1] and s["n_diverged"] == 1
+    assert s["train_2"] == 0.5 and s["test_1"] == 1.0 and s["test_acc_final"] == 60.0
+    assert s["grad_gain_median"] == 2.0 and s["drift_test_max"] == 0.0  # not 1e9 from the diverged seed
+    res = {"tag": "MNIST", "activation": "relu", "optimizer": "sgd", "config": {"TELE_EPOCHS": [0], "SEEDS": [0, 1]},
+           "arms": {"gl46": {"history": hist, "teleports": recs}}}
+    header, rows = script.table({"REPORT_EPOCHS": [2], "EPOCHS": 2}, [res])
+    assert rows[0][-1] == "1 of 2 (from epoch 1)" and rows[0][header.index("‖∇L‖² gain (median)")] == 2.0
+    script.plot_loss(res, tmp_path / "loss.png", 50)
+    script.plot_drift(res, tmp_path / "drift.png", 50)
+    assert (tmp_path / "loss.png").stat().st_size > 2000 and (tmp_path / "drift.png").stat().st_size > 2000
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--activations=['tanh']"], "unknown activation 'tanh'"),
     (["--optimizers=['lbfgs']"], "unknown optimizer 'lbfgs'"),
@@ -191,8 +231,128 @@ def test_quick_run_writes_figures_json_and_table(fake_root, tmp_path):
     h = {a: res["arms"][a]["history"]["train_loss"][-1] for a in ("none", "reset-only")}
     assert h["none"] != h["reset-only"]
     assert not [f for f in os.listdir(res_dir) if f.startswith(".tmp") or f.endswith(".pt")]
-    # the figures can be redrawn from the saved results alone
+    # the figures can be redrawn from the saved results alone; the results are left as they are
     os.remove(fig_dir / "MNIST_relu_adagrad_loss.png")
+    saved = {k: v for k, v in _files(tmp_path).items() if k.startswith("results")}
     script.main(resolve(script, ["--quick", f"--out-dir={tmp_path}", "--plot-only",
                                  "--activations=['relu']", "--optimizers=['adagrad']"]))
     assert (fig_dir / "MNIST_relu_adagrad_loss.png").exists()
+    assert {k: v for k, v in _files(tmp_path).items() if k.startswith("results")} == saved
+
+
+def test_defaults_are_the_committed_protocol():
+    """The plain command's settings are those of the committed results/rescaling/MNIST_*.json,
+    on every setting both name alike (a pair's file: but the list of pairs; WIDTHS None there is
+    the dataset's preset; the step sizes under their older name TELE_LR too)."""
+    cfg = resolve(script)
+    names = [f"MNIST_{a}_{o}.json" for a in ("relu", "leaky_relu") for o in ("sgd", "adagrad")] + ["MNIST_table.json"]
+    for name in names:
+        saved = json.load(open(os.path.join(ROOT, "results", "rescaling", name)))["config"]
+        shared = set(saved) & set(cfg) - PLUMBING - ({"ACTIVATIONS", "OPTIMIZERS"} if "table" not in name else set())
+        assert len(shared) >= 18 and "ARMS" in shared and "EPOCHS" in shared
+        assert {k: cfg[k] for k in shared} == {k: script.PRESETS["DATASET"]["MNIST"]["WIDTHS"]
+                                               if k == "WIDTHS" and saved[k] is None else saved[k] for k in shared}
+        lrs = saved.get("TELE_LR") or {arm: saved[k] for arm, k in script.TELE_LR_SETTING.items()}
+        assert lrs == {arm: cfg[k] for arm, k in script.TELE_LR_SETTING.items()}
+
+
+def _no_figures(monkeypatch):
+    """Figures as stand-in files (matplotlib is slow; the figures have tests of their own)."""
+    for name in ("plot_loss", "plot_drift"):
+        monkeypatch.setattr(script, name, lambda res, path, dpi: open(path, "w").write(res["optimizer"]))
+
+
+def test_other_settings_or_data_do_not_replace_saved_results(fake_root, tmp_path, capsys, monkeypatch):
+    """Saved results of other settings (or made on other data) are refused in one line before any
+    training; --replace replaces them; a pair's file does not depend on which other pairs run."""
+    _no_figures(monkeypatch)
+    out = tmp_path / "out"
+    base = [f"--data-dir={fake_root}", f"--out-dir={out}", "--quick", "--progress=False", "--arms=['none']",
+            "--activations=['relu']", "--optimizers=['sgd']", "--epochs=1", "--report-epochs=[1]"]
+    run(script.main, vars(script), argv=base)
+    before = _files(out)
+    other_data = write_fake(str(tmp_path / "other"), "MNIST", n_train=120, n_test=100)
+    refused = {"--lr=0.05": "LR=0.05 (saved: 0.01)",  # the pair's file and the table
+               "--activations=['relu','leaky_relu']": "ACTIVATIONS=['relu', 'leaky_relu'] (saved: ['relu'])",  # table
+               f"--data-dir={other_data}": "200/100 training/test images, this run has 120/100"}
+    for arg, said in refused.items():
+        with pytest.raises(SystemExit) as e:
+            run(script.main, vars(script), argv=[*base, arg])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and said in err and "--replace" in err
+    assert _files(out) == before
+    run(script.main, vars(script), argv=[*base, "--lr=0.05", "--replace"])
+    saved = json.loads((out / "results" / "rescaling" / "MNIST_relu_sgd.json").read_text())
+    assert saved["config"]["LR"] == 0.05
+    # the relu pair's file made alone is the same protocol as the relu pair of a run of both activations
+    script.check_replace(str(out / "results" / "rescaling" / "MNIST_relu_sgd.json"),
+                         script.saved_config(resolve(script, [*base, "--lr=0.05", "--activations=['relu','leaky_relu']",
+                                                              "--optimizers=['sgd','adagrad']"])),
+                         ignore=("ACTIVATIONS", "OPTIMIZERS"))
+
+
+RESUME_ARGS = ["--quick", "--progress=False", "--activations=['relu']", "--optimizers=['sgd','adagrad']",
+               "--arms=['none','gl46']", "--checkpoint-s=0"]
+
+
+def test_interrupted_run_resumes_to_the_same_numbers_and_keeps_the_previous_set(fake_root, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Stopped in a later unit (Adagrad's gl46 arm, before the teleports of epoch 2, progress saved
+    at every epoch), the run leaves the previous output set as it was; the same command then resumes
+    (the finished units are not run again, the stopped one goes on from its last epoch) and ends with
+    the numbers of the uninterrupted run that made the previous set."""
+    _no_figures(monkeypatch)
+    argv = [f"--data-dir={fake_root}", f"--out-dir={tmp_path}", *RESUME_ARGS]
+    run(script.main, vars(script), argv=argv)
+    previous = _files(tmp_path)
+    whole = {o: json.loads(previous[f"results/rescaling/MNIST_relu_{o}.json"]) for o in ("sgd", "adagrad")}
+
+    class StopInAdagradGL46(ArmHook):
+        def __call__(self, epoch, i):
+            if isinstance(self.opt, torch.optim.Adagrad) and self.arms[0].name == "gl46" and (epoch, i) == (2, 0):
+                raise KeyboardInterrupt
+            super().__call__(epoch, i)
+    monkeypatch.setattr(script, "ArmHook", StopInAdagradGL46)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run(script.main, vars(script), argv=argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and "progress saved (relu adagrad gl46, epoch 2 of 3)" in err.splitlines()[-1]
+        assert _files(tmp_path) == previous and not list(tmp_path.glob(".staging-*"))
+        monkeypatch.setattr(script, "ArmHook", ArmHook)
+        built, make = [], script.make_model
+        monkeypatch.setattr(script, "make_model", lambda *a, **k: built.append(a[2]) or make(*a, **k))
+        run(script.main, vars(script), argv=argv)
+    finally:
+        lib.progress.ACTIVE.clear()
+    assert "resuming" in capsys.readouterr().err and built == ["adagrad"]  # gl46, resumed
+    assert not list((tmp_path / ".progress").iterdir())
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
+    for opt, a in whole.items():
+        b = json.loads((tmp_path / "results" / "rescaling" / f"MNIST_relu_{opt}.json").read_text())
+        assert list(b["arms"]) == ["none", "gl46"]
+        for arm in a["arms"]:
+            for k in ("train_loss", "test_loss", "test_acc"):
+                torch.testing.assert_close(torch.tensor(b["arms"][arm]["history"][k]),
+                                           torch.tensor(a["arms"][arm]["history"][k]), rtol=1e-6, atol=0)
+            assert strip(b["arms"][arm]["teleports"]) == strip(a["arms"][arm]["teleports"])
+    assert len(whole["adagrad"]["arms"]["gl46"]["teleports"]) == 4  # epochs 0 and 2, none repeated
+
+
+def test_an_absurd_learning_rate_is_a_result(fake_root, tmp_path, capsys):
+    """At lr 1e6 every model diverges: the run completes, records the epoch, draws the figures,
+    and neither the table nor the console shows a loss or a gain computed from diverged models."""
+    run(script.main, vars(script), argv=[f"--data-dir={fake_root}", f"--out-dir={tmp_path}", "--quick",
+                                         "--progress=False", "--lr=1e6", "--activations=['relu']",
+                                         "--optimizers=['sgd']", "--arms=['none','gl46','rescale']"])
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "results" / "rescaling" / "MNIST_relu_sgd.json").read_text())
+    for arm, r in res["arms"].items():
+        assert r["diverged"] == [1, 1] and r["summary"]["n_diverged"] == 2
+        assert r["summary"]["train_3"] is None and r["summary"]["grad_gain_median"] is None
+    table = json.loads((tmp_path / "results" / "rescaling" / "MNIST_table.json").read_text())
+    assert [row[-1] for row in table["rows"]] == ["2 of 2 (from epoch 1)"] * 3
+    assert all(v is None for row in table["rows"] for v in row[3:-6])  # losses, accuracy, gains, drifts
+    assert "| relu | sgd | gl46 | – | – | – | – | – | – | – | – | – | 50 |" in out
+    for kind in ("loss", "drift"):
+        assert (tmp_path / "figures" / "rescaling" / f"MNIST_relu_sgd_{kind}.png").stat().st_size > 2000
