@@ -41,3 +41,41 @@ def plot_mean_std(ax, x, runs, label=None, color=None, linestyle="-", shade=True
     ax.plot(x, mean, linestyle, color=color, label=label, lw=lw)
     if shade and ok.sum() > 1:
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=alpha, linewidth=0)
+
+
+def scatter_panels(panels, color=None, color_label=None, title=None, title_size=None, size=(5.4, 4.4)):
+    """A row of scatter plots, one per panel (x, y, xlabel, ylabel, legend): points coloured by
+    `color` (one value per point, the same in every panel) on one colour bar labelled
+    color_label (left out when there are no points), `legend` a one-entry legend text in the
+    first corner (upper left, upper right, lower right, lower left) where it covers no marker,
+    `title` over every panel. Ticks below 1e-2 or from 1e4 are written scaled (0.00175 as 1.75,
+    the axis label ending in "(x10^-3)"), so long labels do not run into each other. Returns the
+    figure (save it with save_figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), squeeze=False,
+                             layout="constrained")
+    for ax, (x, y, xlabel, ylabel, legend) in zip(axes[0], panels):
+        points = ax.scatter(x, y, c=color, cmap="viridis", s=14)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.ticklabel_format(style="sci", scilimits=(-2, 4), useMathText=True)
+        ax.legend(handles=[Line2D([], [], ls="", marker="o", color="0.5", label=legend)], loc="best", fontsize=8)
+        if title is not None:
+            ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    if color is not None and len(color):
+        fig.colorbar(points, ax=axes[0].tolist(), label=color_label)
+    fig.canvas.draw()  # the tick offsets are known once drawn
+    for axis in [a for ax in axes[0] for a in (ax.xaxis, ax.yaxis)]:
+        if offset := axis.get_major_formatter().get_offset():
+            axis.offsetText.set_visible(False)
+            axis.set_label_text(f"{axis.get_label_text()} ({offset})")
+    fig.canvas.draw()  # the final layout: the legend goes to the first corner that covers no marker
+    for ax in axes[0]:  # (matplotlib's "best" only avoids the markers' centres; it is the fallback)
+        xy, legend = ax.transData.transform(ax.collections[0].get_offsets()), ax.get_legend()
+        for loc in ("upper left", "upper right", "lower right", "lower left", "best"):
+            legend.set_loc(loc)
+            if not legend.get_window_extent(fig.canvas.get_renderer()).padded(4).count_contains(xy):
+                break
+    return fig

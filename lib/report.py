@@ -35,3 +35,27 @@ def finite_stats(values, keep=None):
     if not keep.any():
         return float("nan"), float("nan"), 0
     return float(v[keep].mean()), float(v[keep].std()), int(keep.sum())
+
+
+def diverged_epochs(curves, *last, limit=1e6):
+    """diverged() on per-epoch loss curves ((R, E)) extended by values measured after the last
+    epoch (each (R,), e.g. the final losses), which count as epoch E's: per run, 1..E or None."""
+    import numpy as np
+    curves = np.asarray(curves, dtype=float)
+    at = diverged(np.column_stack([curves, *(np.asarray(v, dtype=float) for v in last)]), limit)
+    return [None if e is None else min(e, curves.shape[1]) for e in at]
+
+
+def save_table(stem, header, rows, title, note=""):
+    """Write one table atomically as Markdown (stem.md: '# title', the table, then `note`) and as
+    CSV (stem.csv, floats in 6 significant digits). Returns the Markdown text."""
+    import csv
+    import io
+
+    from lib.io import save_text
+    md = f"# {title}\n\n{markdown_table(header, rows)}\n\n{note}"
+    save_text(f"{stem}.md", md)
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header] + [[f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows])
+    save_text(f"{stem}.csv", buf.getvalue())
+    return md

@@ -1,10 +1,11 @@
 """correlation.py (Table 1, Figures 9-10): smoke run on tiny files through the real loader,
 --lr and --draw-seed reach the run, --plot-only on the committed results, batched metrics equal
-per-model ones, the partial correlation against its closed form; a run stopped in training and
-again in the metrics resumes to the numbers of an uninterrupted one and leaves the previous
-outputs in place meanwhile; results of other settings are not replaced; diverged models are
-left out of the correlations and counted."""
+per-model ones, the committed correlations recomputed, small ticks written scaled; a run stopped
+in training and again in the metrics resumes to the numbers of an uninterrupted one and leaves
+the previous outputs in place meanwhile; results of other settings are not replaced; diverged
+models are left out of the correlations and counted."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -172,16 +173,36 @@ def test_draws_are_common_random_numbers_and_the_authors_lie_elements():
     assert all((d >= 0).all() for d in a[4]) and any((d < 0).any() for d in a[3])
 
 
-def test_partial_correlation_matches_closed_form_and_removes_a_shared_cause():
+def test_correlations_recomputed_from_the_committed_results_equal_the_saved_ones():
+    # lib.stats on the committed per-model numbers gives back the committed Table 1 correlations
+    res = load_json(os.path.join(ROOT, "results", "correlation", "MNIST.json"))
+    assert correlation.kept(res).all()  # saved before divergence was recorded: every model kept
+    again = correlation.correlations(res, res["config"]["CONTROL"])
+    assert again.keys() == res["correlations"].keys()
+    for m, c in res["correlations"].items():
+        assert again[m].keys() == c.keys(), m
+        for k, v in c.items():
+            assert again[m][k] == pytest.approx(v, rel=1e-9, abs=1e-300), (m, k)
+
+
+def test_scatter_panels_write_small_ticks_scaled_and_keep_the_legend_off_the_markers():
+    # curvatures near 0.002 as plain ticks (0.00175, 0.00200, ...) run into each other
+    import matplotlib.pyplot as plt
+    from lib.plots import scatter_panels
     rng = np.random.default_rng(0)
-    z = rng.normal(size=400)
-    x, y = z + 0.5 * rng.normal(size=400), 2 * z + 0.7 * rng.normal(size=400)
-    r, p = correlation.partial_corr(x, y, z)
-    c = np.corrcoef([x, y, z])
-    closed = (c[0, 1] - c[0, 2] * c[1, 2]) / np.sqrt((1 - c[0, 2] ** 2) * (1 - c[1, 2] ** 2))
-    assert abs(r - closed) < 1e-10 and c[0, 1] > 0.8 and abs(r) < 0.15 and p > 0.01
-    r2, p2 = correlation.partial_corr(x + y, y, z)
-    assert r2 > 0.5 and p2 < 1e-10
+    x, y = 0.0015 + 0.002 * rng.random(50), 0.4 + 0.1 * rng.random(50)
+    x[0], y[0] = x.min(), y.max()  # a marker in the upper left corner
+    fig = scatter_panels([(x, y, "curvature", "validation loss", "r = 0")], y, "training loss", "title")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert re.search(r"curvature \(.*10\^\{[-\u2212]3\}", ax.get_xlabel()) and ax.get_ylabel() == "validation loss"
+    assert not ax.xaxis.offsetText.get_visible()  # the x10^-3 is in the label, not beside the axis
+    digits = [re.sub(r"[^0-9.]", "", t.get_text()) for t in ax.get_xticklabels() if t.get_text()]
+    assert digits and max(map(len, digits)) <= 4, digits  # "1.5", "2.0", ..., not "0.00175"
+    box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
+    assert not box.count_contains(ax.transData.transform(np.column_stack([x, y])))
+    assert len(fig.axes) == 2 and ax.get_title() == "title"  # the panel and the colour bar
+    plt.close(fig)
 
 
 def test_gl54_shared_input_pseudo_inverse_equals_per_model():
@@ -318,7 +339,7 @@ def test_the_committed_protocol_is_the_default_and_other_settings_do_not_replace
     correlation.check_saved(saved, plain())  # the plain command reproduces (and may replace) it
     correlation.check_saved(saved, plain("--skip-training", "--data-dir=elsewhere", "--checkpoint-s=0"))
     for more, said in ((["--epochs=5"], "EPOCHS=5 (saved: 40)"), (["--lr=0.02"], "LR=0.02 (saved: 0.01)"),
-                       (["--quick"], "EPOCHS=2 (saved: 40)")):
+                       (["--quick", "--out-dir=."], "EPOCHS=2 (saved: 40)")):  # a quick run into the real folders
         with pytest.raises(UsageError, match=r"MNIST.json holds results made with other settings") as e:
             correlation.check_saved(saved, plain(*more))
         assert said in str(e.value) and "\n" not in str(e.value)
