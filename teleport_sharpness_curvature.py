@@ -1,77 +1,54 @@
 """Figure 4 (SGD) and Figure 11 (AdaGrad): teleporting to change sharpness or curvature
-(Section 4.4, Appendix E.4), with control arms (on by default; `--controls=False` drops them):
-random perturbations of the same loss drift as each teleport, and the optimizer-state reset alone.
+(Section 4.4, Appendix E.4), with control arms: random perturbations and optimizer-state resets.
 
     python teleport_sharpness_curvature.py                                   # Figure 4, CIFAR-10
     python teleport_sharpness_curvature.py --optimizer=adagrad               # Figure 11
     python teleport_sharpness_curvature.py --dataset=MNIST --data-dir=datasets/mnist5k
     python teleport_sharpness_curvature.py --quick                           # bundled MNIST, tiny
 
-Protocol: 5 MLPs (seeds (r+1)*54321), 3072-32-10-10 (784-32-10-10 for MNIST-sized sets), no
-biases, LeakyReLU(0.1), cross-entropy, batches of 20 in a fixed sequential order. The 5 seeds
-train to epoch 20 as one batched model, then are copied with their optimizer state into arms x
-seeds models that train epochs 20-40 as one batched model (lib.arms). Arms: baseline, sharpness
-increase/decrease (phi, eq. 4), curvature increase/decrease (psi, eq. 5). Before each of the
-first 5 mini-batches of epoch 20 (as the authors' code does) every teleport arm teleports on a
-fresh random batch of 2,000 training images, all layer pairs at once, g = I + T, action eq. (46);
-its optimizer state is then reset (AdaGrad: its models' squared-gradient sums zeroed, which equals
-a new torch.optim.Adagrad since lr_decay = 0 makes the update independent of the step count).
+Protocol: 5 seeds of a bias-free LeakyReLU MLP (3072- or 784-32-10-10, batches of 20 in a fixed order)
+train to epoch 20 as one batched model, then branch with their optimizer state (lib.arms) into a
+baseline and arms that teleport (g = I + T, eq. 46) to raise or lower phi (eq. 4) or psi (eq. 5) on a
+fresh batch of 2,000 training images before each of the first 5 batches of epoch 20, then reset their
+optimizer state, and train on to epoch 40. A failed or non-finite teleport is undone; a run whose
+loss turns non-finite or exceeds 1e6 is diverged: left out of the means, counted in the table.
 
-Controls (CONTROLS):
-- `perturb-only (<arm>)`: at the same moments, W + r u with u a random direction (Gaussian over
-  all weights, unit norm per model) and r found by bisection per model so that the loss drift
-  L(W + r u) - L(W) on the same teleport batch equals |median over seeds of the drift of the
-  matching teleport arm| (the magnitude: a random move cannot lower the loss); state reset too.
-- `reset-only` (AdaGrad only; with SGD it is the baseline): the state reset alone.
+Controls: `perturb-only (<arm>)`, a random move with the |median loss drift| of the matching teleport
+arm on the same batch, then the reset; `reset-only` (AdaGrad), the reset alone.
 
-Outputs: figures/generalization/<dataset>_<optimizer>_{sharpness,curvature}.png,
-results/generalization/<dataset>_<optimizer>.json (config, environment, data, every curve,
-teleport and perturbation record, phi/psi on a fixed batch before, right after the teleports and
-at the end, the epoch at which each diverged run diverged) and <dataset>_<optimizer>_table.md,
-under OUT_DIR (TAG appended to the names). The set replaces the previous one only when the run
-completes; saved results of other settings only with --replace. Progress is saved under
-OUT_DIR/.progress/ (phase 1, then phase 2, every CHECKPOINT_S s): the same command resumes.
+Runtime (CPU, one thread): MNIST 4,000-image subset with controls 9 min (SGD), 16 min (AdaGrad, load
+average 12); CIFAR-10-sized synthetic data 21 min (SGD, no controls; about 35 min with); --quick 30 s.
 
-Divergence is a result: a run whose loss turns non-finite or exceeds 1e6 is recorded as diverged
-(at which epoch), left out of the means and the paired differences (the table counts it) and
-marked x in the figures; a teleport whose linear algebra fails or ends non-finite is undone.
+Headline (MNIST subset, final test loss minus the same seed's baseline): SGD sharpness decrease
+-0.0021 +- 0.0011, increase +0.0002 +- 0.0048; with the released step sizes curvature teleports do not
+move psi (|T| ~ 1e-4); with step sizes 100 (--tag=curv-lr100) psi moves +50% / -15%, the test loss
+does not (-0.0003 +- 0.0073 / -0.0010 +- 0.0020). A sharpness teleport changes phi by its loss drift;
+under AdaGrad each teleport arm matches reset-only or (sharpness increase) its perturb-only control.
 
-CPU runtime (one thread on the 2 shared cores, other jobs running): MNIST 4,000-image subset with
-the controls, 9 min (SGD, 45 models after the branch; 15 min under a load average of 12) and 16 min
-(AdaGrad, 50 models, under that load); most of it is the teleports. CIFAR-10 at full size, run end
-to end on CIFAR-sized synthetic data (50,000 x 3072, lib.data.write_fake): 116 s for epochs 0-20
-(5 models, 5.8 s/epoch) and 1,137 s for epochs 20-40 (25 models, 57 s/epoch, 170 s of it the 20
-teleports): 21 min for SGD without controls; about 35 min with them (45 models). --quick: 26 s
-(15 s CPU) under a load average of 4.
-Headline (MNIST 4,000-image subset, 5 seeds, final test loss minus the baseline of the same seed):
-SGD sharpness decrease -0.0021 +- 0.0011, increase +0.0002 +- 0.0048; curvature teleports with the
-released step sizes do not move psi at all (|T| ~ 1e-4); with both step sizes 100 (--tag=curv-lr100)
-psi moves by +50% / -15% and the test loss does not (-0.0003 +- 0.0073 / -0.0010 +- 0.0020). The
-sharpness teleports change phi only through the loss itself (d phi per teleport = loss drift per
-teleport), and under AdaGrad every teleport arm is indistinguishable from reset-only except
-sharpness increase, which matches its perturb-only control.
+Outputs: figures/generalization/<stem>_{sharpness,curvature}.png, results/generalization/<stem>.json
+(config, environment, data, curves, teleport and perturbation records, phi/psi at the branch, after
+the teleports and at the end, the epoch each diverged run diverged) and <stem>_table.md, under OUT_DIR,
+<stem> = <dataset>_<optimizer>[_<TAG>]; the set replaces the previous one only when the run completes,
+results of other settings only with --replace. Progress is saved in OUT_DIR/.progress/: rerun resumes.
 """
 import os
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from lib.actions import GLAction  # noqa: E402
-from lib.arms import Arm, ArmHook, Moments, branch  # noqa: E402
-from lib.config import UsageError, check_choice, check_positive, run  # noqa: E402
-from lib.data import load  # noqa: E402
-from lib.io import (check_replace, environment, load_results, relative, save_json, save_text,  # noqa: E402
-                    staged)
-from lib.metrics import psi, random_directions, random_lie_elements, sharpness  # noqa: E402
-from lib.models import activation, loss_fn  # noqa: E402
-from lib.plots import COLORS, plot_mean_std, save_figure  # noqa: E402
-from lib.progress import Checkpoint  # noqa: E402
-from lib.report import diverged, finite_stats, markdown_table  # noqa: E402
-from lib.teleport import make_objective  # noqa: E402
-from lib.train import make_model  # noqa: E402
+from lib.actions import GLAction
+from lib.arms import Arm, ArmHook, Moments, branch
+from lib.config import UsageError, check_choice, check_positive, run
+from lib.data import load
+from lib.io import check_replace, environment, load_results, relative, save_json, save_text, staged
+from lib.metrics import psi, random_directions, random_lie_elements, sharpness
+from lib.models import activation
+from lib.plots import COLORS, branch_panels, save_figure
+from lib.progress import Checkpoint
+from lib.report import (cell, diverged_arms, diverged_note, finite_stats, markdown_table, mean_std_cell, move_drift,
+                        paired_stats)
+from lib.teleport import make_objective
+from lib.train import make_model
 
 # ---- config ---------------------------------------------------------------------------------
 DATASET = "CIFAR10"  # MNIST, FashionMNIST or CIFAR10
@@ -122,7 +99,6 @@ PRESETS = {  # the authors' learning rates and released teleport step sizes
 QUICK_SETTINGS = {"DATASET": "MNIST", "EPOCHS": 3, "BRANCH_EPOCH": 1, "N_RUNS": 2, "TRAIN_SIZE": 400, "TELE_BATCHES": 2,
                   "TELE_BATCH_SIZE": 100, "SHARP_STEPS": 2, "EVAL_BATCH_SIZE": 100, "EVAL_CURVES": 2,
                   "SHARP_STOP_ABOVE": 10.0}  # SGD: phi ~2.3 after one epoch, above 2: let the sharpness teleports act
-# names in configs saved by the older script; their values are in HIDDEN, SHARP_LR, CURV_LR and LR
 TELEPORT_ARMS = ("sharpness-increase", "sharpness-decrease", "curvature-increase", "curvature-decrease")
 # per arm of a figure: legend, colour, marker (test loss solid, train dashed); teleport arms drawn last, on top
 FIGURE_ARMS = [("perturb-only ({kind}-decrease)", "perturb-only (decrease)", "#17becf", "v"),
@@ -131,6 +107,10 @@ FIGURE_ARMS = [("perturb-only ({kind}-decrease)", "perturb-only (decrease)", "#1
                ("{kind}-decrease", "teleport (decrease)", COLORS["decrease"], ""),
                ("{kind}-increase", "teleport (increase)", COLORS["increase"], ""),
                ("baseline", "baseline", COLORS["baseline"], "")]
+HEADER = ["arm", "test loss", "test loss - baseline (same seed)", "test acc (%)", "train loss", "train loss - baseline",
+          "gap test-train", "d phi (fixed batch)", "d psi (fixed batch)", "d objective/teleport", "loss drift/teleport"]
+CELLS = [("train_loss", ".4f"), ("dtrain_paired", "+.4f"), ("gap", ".4f"), ("dphi", "+.2e"), ("dpsi", "+.2e"),
+         ("dobjective_per_teleport", "+.2e"), ("drift_per_teleport", "+.2e")]  # the table's single-number columns
 
 
 def check(cfg):
@@ -199,26 +179,12 @@ def landscape(W, X, Y, act, ts, dirs, curves):
                 [landscape([w[k:k + 1] for w in W], X, Y, act, ts, dirs, curves)["psi"][0] for k in range(len(ok))]}
 
 
-class Hook(ArmHook):
-    """lib.arms.ArmHook; a teleport whose linear algebra failed (undone by the arm's guard)
-    records its unchanged loss, so the perturb-only arm matching it moves by a zero drift."""
-
-    def act_arm(self, arm, X, Y, held):
-        rec = super().act_arm(arm, X, Y, held)
-        if "error" in rec:
-            with torch.no_grad():
-                rec["loss_before"] = rec["loss_after"] = loss_fn([w[self.models(arm)] for w in self.W], X, Y,
-                                                                 self.act).tolist()
-        return rec
-
-
 def train(cfg, data, act, ckpt):
     """Phase 1 (seeds, epochs 0..BRANCH_EPOCH) and phase 2 (arms x seeds), each a unit of the
     checkpoint `ckpt` (lib.progress): resumed where it stopped. Returns the results dict."""
     R, first, arms = cfg["N_RUNS"], cfg["BRANCH_EPOCH"], make_arms(cfg, act)
     names = [a.name for a in arms]  # arm-major: arm j holds models j*R..(j+1)*R-1
-    seeds = [(r + 1) * cfg["SEED_BASE"] for r in range(R)]
-    widths = [data.x_train.shape[1], *cfg["HIDDEN"], 10]
+    seeds, widths = [(r + 1) * cfg["SEED_BASE"] for r in range(R)], [data.x_train.shape[1], *cfg["HIDDEN"], 10]
     W, opt = make_model(widths, seeds, cfg["OPTIMIZER"], cfg["LR"], data.x_train.device)
     g = torch.Generator().manual_seed(cfg["TELEPORT_SEED"] + 12345)  # draws depend on the shapes only
     eval_idx = torch.randperm(data.x_train.shape[0], generator=g)[:cfg["EVAL_BATCH_SIZE"]].to(data.x_train.device)
@@ -244,7 +210,7 @@ def train(cfg, data, act, ckpt):
         moments = Moments((0,), cfg["TELE_BATCHES"], cfg["TELE_BATCH_SIZE"], cfg["TELEPORT_SEED"])
         # the objectives' generators are not in the hook's state: they draw only in epoch 0, and
         # progress is saved at the end of an epoch, so a resumed phase 2 never needs them
-        hook = Hook(W2, opt2, data, act, arms, moments, after=measure)  # phi, psi right after the last teleport
+        hook = ArmHook(W2, opt2, data, act, arms, moments, after=measure)  # phi, psi right after the last teleport
         h2 = ckpt.fit("phase2", W2, opt2, data, act, cfg["EPOCHS"] - first, cfg["BATCH_SIZE"], hook=hook,
                       desc=f"epochs {first}-{cfg['EPOCHS']} ({len(arms) * R} models)", progress=cfg["PROGRESS"])
         p2 = ckpt.finish_unit("phase2", {"hist": h2, "records": hook.records, "after": hook.after or measure(W2),
@@ -260,21 +226,9 @@ def train(cfg, data, act, ckpt):
     t1, t2 = (h["time_s"][-1] if h["time_s"] else 0.0 for h in (h1, h2))  # training time, summed over resumes
     return {"seeds": seeds, "widths": widths, "arms": names, "curves": curves_out, "records": p2["records"],
             "landscape": {"branch": p1["branch"], "after_teleport": by_arm(p2["after"]), "final": by_arm(p2["final"])},
-            "diverged": diverged_at(curves_out),
+            "diverged": diverged_arms(curves_out),
             "time_s": {"phase1": t1, "phase2": t2, "per_epoch_phase1": t1 / max(first, 1),
                        "per_epoch_phase2": t2 / (cfg["EPOCHS"] - first)}}
-
-
-def diverged_at(curves):
-    """{arm: per run, the epoch at which its train or test loss turned non-finite or above 1e6, or None}."""
-    at = {a: zip(*(diverged(c[k]) for k in ("train_loss", "test_loss"))) for a, c in curves.items()}
-    return {a: [min([e for e in pair if e is not None], default=None) for pair in v] for a, v in at.items()}
-
-
-def per_teleport(recs, keep, key, minus=None):
-    """Mean over the moments and the kept models (keep: (R,) bool) of r[key] (minus r[minus])."""
-    v = [np.subtract(r[key], r[minus]) if minus else r[key] for r in recs if key in r]
-    return finite_stats(np.asarray(v, dtype=float).reshape(-1, len(keep))[:, keep].ravel())[0]
 
 
 def summary(res):
@@ -282,103 +236,53 @@ def summary(res):
     runs that did not diverge), the change of phi and psi from the branch point to right after the
     teleports, and the teleport's drift; paired differences (minus the baseline of the same seed)
     over the seeds where neither diverged; `undone`: teleports the guard undid."""
-    rows, b, at = [], res["landscape"]["branch"], res.get("diverged") or diverged_at(res["curves"])
+    rows, at, land = [], res["diverged"], res["landscape"]
+    branch_point = {m: np.asarray(land["branch"][m], dtype=float) for m in ("phi", "psi")}
     final = lambda a, k: np.asarray(res["curves"][a][k], dtype=float)[:, -1]  # noqa: E731
-    base = {k: final("baseline", k) for k in ("test_loss", "train_loss")}
     for a in res["arms"]:
-        keep = np.array([e is None for e in at[a]])
-        pair = keep & np.array([e is None for e in at["baseline"]])
+        keep, recs = np.array([e is None for e in at[a]]), res["records"].get(a, [])
         te, acc, tr = (final(a, k) for k in ("test_loss", "test_acc", "train_loss"))
-        after, recs = res["landscape"]["after_teleport"][a], res["records"].get(a, [])
-        drift, dobj = 0.0 if keep.any() else float("nan"), float("nan")  # arms that do not move: no drift
-        if recs and "loss_after" in recs[0]:
-            drift = per_teleport(recs, keep, "loss_after", "loss_before")
-            dobj = per_teleport(recs, keep, "objective_after", "objective_before")
-        elif recs and "drift" in recs[0]:
-            drift = per_teleport(recs, keep, "drift")
-        (mte, ste, n), (dte, dte_s, _) = finite_stats(te, keep), finite_stats(te - base["test_loss"], pair)
-        d = {m: finite_stats(np.subtract(np.asarray(after[m], float), np.asarray(b[m], float)), keep)[0]
-             for m in ("phi", "psi")}
+        (mte, ste, n), (macc, sacc, _) = finite_stats(te, keep), finite_stats(acc, keep)
+        (dte, dte_s, _), (dtr, _, _) = (paired_stats(final(a, k), final("baseline", k), at[a], at["baseline"])
+                                        for k in ("test_loss", "train_loss"))
+        dphi, dpsi = (finite_stats(np.asarray(land["after_teleport"][a][m], dtype=float) - v, keep)[0]
+                      for m, v in branch_point.items())
+        drift, dobj = move_drift(recs, keep)  # arms that do not move: no drift
         rows.append({"arm": a, "test_loss": mte, "test_loss_std": ste, "dtest_paired": dte, "dtest_paired_std": dte_s,
-                     "dtrain_paired": finite_stats(tr - base["train_loss"], pair)[0],
-                     "test_acc": finite_stats(acc, keep)[0], "test_acc_std": finite_stats(acc, keep)[1],
-                     "train_loss": finite_stats(tr, keep)[0], "gap": finite_stats(te - tr, keep)[0],
-                     "dphi": d["phi"], "dpsi": d["psi"], "dobjective_per_teleport": dobj, "drift_per_teleport": drift,
-                     "n": n, "of": len(keep), "undone": sum(sum(r.get("failed", [])) for r in recs)})
+                     "dtrain_paired": dtr, "test_acc": macc, "test_acc_std": sacc,
+                     "train_loss": finite_stats(tr, keep)[0], "gap": finite_stats(te - tr, keep)[0], "dphi": dphi,
+                     "dpsi": dpsi, "dobjective_per_teleport": dobj, "drift_per_teleport": drift, "n": n, "of": len(keep),
+                     "undone": sum(sum(r.get("failed", [])) for r in recs)})
     return rows
 
 
 def table_markdown(rows, at):
-    """The summary as Markdown (nan as '-'); below it, the runs that diverged and the teleports undone."""
-    header = ["arm", "test loss", "test loss - baseline (same seed)", "test acc (%)", "train loss", "train loss - baseline",
-              "gap test-train", "d phi (fixed batch)", "d psi (fixed batch)", "d objective/teleport", "loss drift/teleport"]
-    f = lambda r, k, spec: "-" if r[k] is None or not np.isfinite(r[k]) else format(r[k], spec)  # noqa: E731
-    lines = [[r["arm"] + (f" ({r['n']} of {r['of']} runs)" if r.get("n", 0) < r.get("of", 0) else ""),
-              f"{f(r, 'test_loss', '.4f')} ± {f(r, 'test_loss_std', '.4f')}",
-              f"{f(r, 'dtest_paired', '+.4f')} ± {f(r, 'dtest_paired_std', '.4f')}",
-              f"{f(r, 'test_acc', '.2f')} ± {f(r, 'test_acc_std', '.2f')}", f(r, "train_loss", ".4f"),
-              f(r, "dtrain_paired", "+.4f"), f(r, "gap", ".4f"), f(r, "dphi", "+.2e"), f(r, "dpsi", "+.2e"),
-              f(r, "dobjective_per_teleport", "+.2e"), f(r, "drift_per_teleport", "+.2e")] for r in rows]
-    notes = [f"{a} " + ", ".join(f"run {i + 1} at epoch {e}" for i, e in enumerate(v) if e is not None)
-             for a, v in at.items() if any(e is not None for e in v)]
-    undone = [f"{r['arm']} {r['undone']}" for r in rows if r.get("undone")]
-    return "\n\n".join([markdown_table(header, lines)]
-                        + ["Diverged runs (loss non-finite or above 1e6), left out of the means and the paired "
-                           "differences: " + "; ".join(notes) + "."] * bool(notes)
-                        + ["Teleports undone (linear algebra failed or a non-finite result), models x moments: "
-                           + ", ".join(undone) + "."] * bool(undone))
-
-
-def cut(curves, at):
-    """(R, E) curves with each diverged run's values from its divergence epoch on set to nan."""
-    c = np.array(curves, dtype=float)
-    for r, e in enumerate(at):
-        if e is not None:
-            c[r, e - 1:] = np.nan
-    return c
+    """The summary as Markdown ('-' for nan); below it, the runs that diverged and the teleports undone."""
+    lines = [[r["arm"] + (f" ({r['n']} of {r['of']} runs)" if r["n"] < r["of"] else ""),
+              mean_std_cell(r["test_loss"], r["test_loss_std"]),
+              mean_std_cell(r["dtest_paired"], r["dtest_paired_std"], "+.4f"),
+              mean_std_cell(r["test_acc"], r["test_acc_std"], ".2f"), *(cell(r[k], spec) for k, spec in CELLS)]
+             for r in rows]
+    notes, undone = diverged_note(at), ", ".join(f"{r['arm']} {r['undone']}" for r in rows if r["undone"])
+    return "\n\n".join([markdown_table(HEADER, lines)]
+                        + [f"Diverged runs (loss non-finite or above 1e6), left out of the means and the paired "
+                           f"differences: {notes}."] * bool(notes)
+                        + [f"Teleports undone (linear algebra failed or a non-finite result), models x moments: "
+                           f"{undone}."] * bool(undone))
 
 
 def plot(res, kind, path, label):
-    """Left: mean test loss (solid) and train loss (dashed) vs epoch, +-1 std over runs; the arms
-    drawn from the branch epoch on. Right: the same minus the baseline of the same seed (paired),
-    after the branch: the effect of each arm, which is small next to the train-test gap. Diverged
-    runs are left out from their divergence on (x: their last point; the legend counts them)."""
-    cfg, first, at = res["config"], res["config"]["BRANCH_EPOCH"], res.get("diverged") or diverged_at(res["curves"])
-    base = {k: cut(res["curves"]["baseline"][k], at["baseline"]) for k in ("test_loss", "train_loss")}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-    handles = []
-    for arm, name, colour, marker in FIGURE_ARMS:
-        arm = arm.format(kind=kind)
-        if arm not in res["arms"]:
-            continue
-        c = {k: cut(res["curves"][arm][k], at[arm]) for k in ("test_loss", "train_loss")}
-        x = np.arange(1, c["test_loss"].shape[1] + 1)
-        after = slice(max(first - 1, 0), None)
-        sel = slice(None) if arm == "baseline" else after
-        for key, ls in (("test_loss", "-"), ("train_loss", "--")):
-            kw = dict(color=colour, linestyle=ls + marker, alpha=0.07 if marker else 0.15)
-            with matplotlib.rc_context({"lines.markersize": 4}):
-                plot_mean_std(axes[0], x[sel], c[key][:, sel], **kw)
-                plot_mean_std(axes[1], x[after], (c[key] - base[key])[:, after], **kw)
-        n = sum(e is not None for e in at[arm])
-        name += f" ({n} of {len(at[arm])} diverged)" if n else ""
-        handles.insert(0, plt.Line2D([], [], color=colour, marker=marker or None, label=name))
-    handles += [plt.Line2D([], [], color="k", ls=ls, label=lab) for ls, lab in (("-", "test loss"), ("--", "train loss"))]
-    epochs = cfg["EPOCHS"]
-    for ax, x0 in zip(axes, (1, first)):
-        ax.axvline(first, color="k", lw=0.6, ls=":")
-        ax.set_xlim(x0 - 0.04 * (epochs - x0) - 0.5, epochs + 0.04 * (epochs - x0) + 0.5)
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
-        ax.set_xlabel("epoch")
+    """Mean test (solid) and train (dashed) loss of the `kind` arms and the controls, and their
+    paired effect (minus the same seed's baseline) after the branch: lib.plots.branch_panels."""
+    cfg, at = res["config"], res["diverged"]
+    fig, axes = branch_panels(res["curves"], at, [(a.format(kind=kind), *rest) for a, *rest in FIGURE_ARMS],
+                              cfg["BRANCH_EPOCH"])
     if all(e is not None for v in at.values() for e in v):
         axes[0].text(0.5, 0.5, "every run diverged (epochs in the table)", transform=axes[0].transAxes, ha="center")
-    axes[0].set_ylabel("loss")
-    axes[1].set_ylabel("loss minus baseline, same seed")
     symbol = r"sharpness $\phi$ (eq. 4)" if kind == "sharpness" else r"curvature $\psi$ (eq. 5)"
     fig.suptitle(f"{label}, {cfg['OPTIMIZER']}: teleporting to change {symbol}")
     axes[1].set_title(f"effect of the arms (teleports in the first {cfg['TELE_BATCHES']} batches after "
-                      f"epoch {first})", fontsize=10)
-    axes[1].legend(handles=handles, fontsize=8)
+                      f"epoch {cfg['BRANCH_EPOCH']})", fontsize=10)
     save_figure(fig, path)
 
 
@@ -388,7 +292,7 @@ def main(cfg):
     json_path = os.path.join(cfg["OUT_DIR"], "results", "generalization", f"{stem}.json")
     if cfg["PLOT_ONLY"]:  # the table is recomputed from the saved curves and records; the JSON is left as it is
         res = load_results(json_path)
-        res["summary"] = summary(res)
+        res["diverged"] = res.get("diverged") or diverged_arms(res["curves"])  # results saved without it
     else:
         check_replace(json_path, cfg)
         if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -400,21 +304,20 @@ def main(cfg):
         ckpt = Checkpoint(cfg, f"teleport_sharpness_curvature-{stem}")
         res = {"config": saved, "environment": environment(), "data": data.info, "label": data.label,
                **train(cfg, data, activation("leaky_relu"), ckpt)}
-        res["summary"] = summary(res)
-    at = res.get("diverged") or diverged_at(res["curves"])
+    res["summary"] = summary(res)
+    table = table_markdown(res["summary"], res["diverged"])
     with staged(cfg["OUT_DIR"]) as out:  # the whole set replaces the previous one only when complete
         fig_dir, res_dir = (os.path.join(out, kind, "generalization") for kind in ("figures", "results"))
         if not cfg["PLOT_ONLY"]:
             save_json(os.path.join(res_dir, f"{stem}.json"), res)
-        save_text(os.path.join(res_dir, f"{stem}_table.md"), table_markdown(res["summary"], at) + "\n")
+        save_text(os.path.join(res_dir, f"{stem}_table.md"), table + "\n")
         label = res.get("label") or f"{res['config']['DATASET']} ({res['n_train']:,} train)"  # results saved without one
         for kind in [k for k in ("sharpness", "curvature") if any(a.startswith(k) for a in res["arms"])]:
             plot(res, kind, os.path.join(fig_dir, f"{stem}_{kind}.png"), label)
     if not cfg["PLOT_ONLY"]:
         ckpt.finish()
-    print(table_markdown(res["summary"], at))
-    t = res["time_s"]
-    print(f"time: {t['phase1']:.0f} s for epochs 0-{res['config']['BRANCH_EPOCH']} ({t['per_epoch_phase1']:.2f} s/epoch), "
+    t, first = res["time_s"], res["config"]["BRANCH_EPOCH"]
+    print(f"{table}\ntime: {t['phase1']:.0f} s for epochs 0-{first} ({t['per_epoch_phase1']:.2f} s/epoch), "
           f"{t['phase2']:.0f} s after ({t['per_epoch_phase2']:.2f} s/epoch)")
     return res
 

@@ -79,3 +79,48 @@ def scatter_panels(panels, color=None, color_label=None, title=None, title_size=
             if not legend.get_window_extent(fig.canvas.get_renderer()).padded(4).count_contains(xy):
                 break
     return fig
+
+
+def branch_panels(curves, at, arms, branch, keys=(("test_loss", "-"), ("train_loss", "--")), ylabel="loss",
+                  baseline="baseline"):
+    """Two panels for arms that branch from the same runs at epoch `branch` (x: 1-based epochs).
+    Left: each arm's mean +- std over runs (plot_mean_std) of every curve in `keys` ((name,
+    linestyle)), the baseline from epoch 1, the other arms from the branch on. Right: the same
+    minus the baseline's run of the same seed (paired), from the branch on: the arms' effect.
+    curves: {arm: {name: (R, E)}}; at: {arm: per run, the epoch it diverged at or None}: a
+    diverged run is left out from then on (x: its last point; the legend counts it). arms:
+    [(arm, label, colour, marker)], drawn in this order (arms not in `curves` skipped), listed in
+    the legend in reverse; a marker draws the arm's lines with it and lighter bands. Returns
+    (fig, axes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lib.report import cut_diverged
+    base = {k: cut_diverged(curves[baseline][k], at[baseline]) for k, _ in keys}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    handles, epochs = [], base[keys[0][0]].shape[1]
+    x, after = np.arange(1, epochs + 1), slice(max(branch - 1, 0), None)
+    for arm, label, colour, marker in arms:
+        if arm not in curves:
+            continue
+        c, sel = {k: cut_diverged(curves[arm][k], at[arm]) for k, _ in keys}, slice(None) if arm == baseline else after
+        for key, ls in keys:
+            kw = dict(color=colour, linestyle=ls + marker, alpha=0.07 if marker else 0.15)
+            with matplotlib.rc_context({"lines.markersize": 4}):
+                plot_mean_std(axes[0], x[sel], c[key][:, sel], **kw)
+                plot_mean_std(axes[1], x[after], (c[key] - base[key])[:, after], **kw)
+        n = sum(e is not None for e in at[arm])
+        label += f" ({n} of {len(at[arm])} diverged)" if n else ""
+        handles.insert(0, plt.Line2D([], [], color=colour, marker=marker or None, label=label))
+    handles += [plt.Line2D([], [], color="k", ls=ls, label=k.replace("_", " ")) for k, ls in keys]
+    for ax, x0 in zip(axes, (1, branch)):
+        ax.axvline(branch, color="k", lw=0.6, ls=":")
+        ax.set_xlim(x0 - 0.04 * (epochs - x0) - 0.5, epochs + 0.04 * (epochs - x0) + 0.5)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        ax.set_xlabel("epoch")
+    axes[0].set_ylabel(ylabel)
+    axes[1].set_ylabel(f"{ylabel} minus {baseline}, same seed")
+    axes[1].legend(handles=handles, fontsize=8)
+    return fig, axes

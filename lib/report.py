@@ -59,3 +59,72 @@ def save_table(stem, header, rows, title, note=""):
     csv.writer(buf).writerows([header] + [[f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows])
     save_text(f"{stem}.csv", buf.getvalue())
     return md
+
+
+# --- per-arm summaries over runs that did not diverge (arms branched from shared seeds) ---------
+def diverged_arms(curves, keys=("train_loss", "test_loss"), limit=1e6):
+    """{arm: per run, the first 1-based epoch at which any of its loss curves `keys` turned
+    non-finite or exceeded `limit` (diverged()), or None}, for curves {arm: {name: (R, E)}}."""
+    at = {arm: zip(*(diverged(c[k], limit) for k in keys)) for arm, c in curves.items()}
+    return {arm: [min([e for e in run if e is not None], default=None) for run in v] for arm, v in at.items()}
+
+
+def paired_stats(values, baseline, at, at_baseline):
+    """finite_stats (mean, std, n) of the paired differences values - baseline, both (R,) with run
+    r of each from the same seed, over the runs where neither diverged (at, at_baseline: per run,
+    the epoch it diverged at or None). None counts as nan."""
+    import numpy as np
+    keep = [a is None and b is None for a, b in zip(at, at_baseline)]
+    return finite_stats(np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float), keep)
+
+
+def cut_diverged(curves, at):
+    """(R, E) curves as a float array with each diverged run's values set to nan from the epoch it
+    diverged at on (at: per run, that 1-based epoch or None)."""
+    import numpy as np
+    c = np.array(curves, dtype=float)
+    for r, e in enumerate(at):
+        if e is not None:
+            c[r, e - 1:] = np.nan
+    return c
+
+
+def diverged_note(at):
+    """'arm run 1 at epoch 3, run 4 at epoch 7; other-arm run 2 at epoch 1' for the runs of
+    {arm: per run, the epoch it diverged at or None} that diverged; '' when none did."""
+    return "; ".join(f"{a} " + ", ".join(f"run {i + 1} at epoch {e}" for i, e in enumerate(v) if e is not None)
+                     for a, v in at.items() if any(e is not None for e in v))
+
+
+def cell(value, spec=".4g"):
+    """A table cell: `value` formatted with `spec`, or '-' for None or a non-finite value (e.g. a
+    mean over no runs), so a table never prints a number made of diverged runs."""
+    import math
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def mean_std_cell(mean, std, spec=".4f", std_spec=None):
+    """'mean ± std' as two cell()s, the std in `std_spec` (default: `spec` without its '+')."""
+    return f"{cell(mean, spec)} ± {cell(std, std_spec or spec.replace('+', ''))}"
+
+
+def record_mean(records, key, keep, minus=None):
+    """Mean over the moments and the kept models (keep: (R,) bool) of r[key] (minus r[minus]) in
+    lib.arms records (one per moment, each field one value per model), over the records that hold
+    `key`; nan when none does or no model is kept."""
+    import numpy as np
+    v = [np.subtract(r[key], r[minus]) if minus else r[key] for r in records if key in r]
+    return finite_stats(np.asarray(v, dtype=float).reshape(-1, len(keep))[:, keep].ravel())[0]
+
+
+def move_drift(records, keep):
+    """(loss drift, objective change) per move of a lib.arms arm, as record_mean()s over its
+    records: loss_after - loss_before and objective_after - objective_before for a teleport
+    (`random` included, which has no objective: nan), `drift` and nan for a perturbation; (0, nan)
+    for an arm that never moves, (nan, nan) when no model is kept."""
+    if records and "loss_after" in records[0]:
+        return (record_mean(records, "loss_after", keep, "loss_before"),
+                record_mean(records, "objective_after", keep, "objective_before"))
+    if records and "drift" in records[0]:
+        return record_mean(records, "drift", keep), float("nan")
+    return 0.0 if any(keep) else float("nan"), float("nan")

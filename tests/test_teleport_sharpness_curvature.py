@@ -20,6 +20,7 @@ from lib.arms import ArmHook, Moments, branch
 from lib.config import UsageError, resolve, run
 from lib.data import synthetic, write_fake
 from lib.models import Activation
+from lib.report import diverged_arms
 from lib.train import fit, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +101,17 @@ def test_plot_only_redraws_from_the_saved_json_and_leaves_it_alone(quick_run, tm
     os.remove(figure)
     tsc.main(resolve(tsc, [f"--out-dir={out}", "--optimizer=adagrad", "--dataset=MNIST", "--plot-only"]))
     assert os.path.getsize(figure) > 10000 and [open(p).read() for p in paths] == before
+
+
+@pytest.mark.parametrize("stem", ["MNIST_sgd", "MNIST_adagrad", "MNIST_sgd_curv-lr100", "MNIST_adagrad_curv-lr100"])
+def test_the_committed_tables_follow_from_the_committed_results(stem):
+    """What --plot-only writes as the table: the summary recomputed from the saved curves and records."""
+    folder = os.path.join(ROOT, "results", "generalization")
+    res = json.load(open(os.path.join(folder, f"{stem}.json")))
+    res["diverged"] = diverged_arms(res["curves"])  # saved without it: none diverged
+    assert not any(e for v in res["diverged"].values() for e in v)
+    table = tsc.table_markdown(tsc.summary(res), res["diverged"])
+    assert table + "\n" == open(os.path.join(folder, f"{stem}_table.md")).read()
 
 
 def test_lr_reaches_the_run(data_dir, tmp_path):
