@@ -31,6 +31,9 @@ gl46-last 1e-3, rescale 1e-2 (of 1e-3 ... 1); the wider network reuses them.
     python teleport_relu_rescaling.py --plot-only ...                 # redraw the figures from results
     python tune_rescaling_step_sizes.py ...                           # the step-size sweep
 
+The committed big-steps variant (3x the tuned step sizes) is --tag=big-steps --tele-lr-gl46=3e-3
+--tele-lr-gl46-last=3e-3 --tele-lr-rescale=3e-2.
+
 The defaults are the protocol of the committed results; results made with other settings or on
 other data are not replaced without --replace (--out-dir=DIR writes elsewhere). Each (activation,
 optimizer, arm) is a unit of progress (lib.progress): an interrupted run, started again with the
