@@ -6,46 +6,19 @@ RMSProp and Adam; control arms split the gain into its causes.
     python teleport_optimization.py --optimizers-run=adam --lr=3e-4 --out-dir=runs/adam   # another lr
     python teleport_optimization.py --quick         # a smoke run, under a minute
 
-Protocol (the paper's, with the authors' released hyperparameters where the paper is silent):
-784-16-10-10 MLP without biases, LeakyReLU(0.1), cross-entropy, mini-batches of 20 in a fixed
-sequential order, 5 runs initialised with seeds (r+1)*54321, 40 epochs. Teleport arm: before
-each of the first 8 mini-batches of epoch 0 (momentum, RMSProp, Adam) or epoch 2 (AdaGrad,
-SGD; 0-based), 10 gradient-ascent steps on g = I + T with the action of eq. (46) on every layer
-pair, maximising ||grad L||^2 on a fresh random batch of 200 training images, stopping once
-||grad L||^2 > 100; the optimizer state is then reset, as the authors do. Learning rate,
-teleport epoch and teleport step size are the authors' per-optimizer values (PRESETS); a value
-given (--lr=..., --tele-epoch=..., --tele-lr=...) applies to every optimizer run. Controls
-(declare_arms): reset-only, random-teleport, teleport-keep, teleport-transport. Each arm is one
-batched model of the 5 seeds, run one after another (Adam's step count is per weight tensor, so
-arms sharing a model could not reset their state alone), all teleporting on the same images.
+Protocol: 784-16-10-10 MLP, LeakyReLU(0.1), batches of 20, 5 seeds, 40 epochs; the teleport arm takes
+10 ascent steps of ||grad L||^2 over g = I + T (eq. 46) before each of the first 8 batches of one
+epoch, then resets the optimizer (the authors' per-optimizer lr, epoch and step size: PRESETS).
+Runtime: 70 s on one thread of a quiet 2-core CPU, bundled 4,000-image MNIST; --quick 15 s. The 8
+teleports cost 0.6-0.7 s (~10 compiled epochs here): per wall time (Figure 13) the teleport arm trails.
+Headline: the teleport arm's training loss is below the baseline's at epochs 1-5 (AdaGrad: 3-5).
+Controls: AdaGrad's gain is the optimizer reset (reset-only reaches 106% of it); momentum's and
+Adam's is the optimised move (reset-only and random-teleport: -7% to -1%), RMSProp's mostly (14%, 15%).
 
-The defaults are the protocol of the committed results; results made with other settings or
-other data are not replaced without --replace (--out-dir=DIR writes elsewhere). Each (optimizer,
-arm) is a unit of progress (lib.progress): an interrupted run, started again with the same
-command, resumes. A model whose loss turns non-finite or absurd (> 1e6) is recorded as diverged,
-with the epoch, and left out of the means with a count; a teleport whose linear algebra fails
-leaves the weights as they were and is recorded.
-
-CPU runtime on the bundled 4,000-image MNIST subset, one thread of a quiet 2-core machine: 70 s,
-including the one-off torch.compile of the training step (COMPILE; 1.6x faster per seed-epoch
-than the eager engine, benchmarks/bench_training.py); --quick: 15 s. The full 50,000-image set
-has 12.5x as many batches per epoch: about 15 min (estimated, not measured).
-
-Headline (mnist5k, 5 seeds): the teleport arm's training loss is below the baseline's at every
-epoch 1-5 for momentum, RMSProp and Adam, and from epoch 3 (after its teleport) for AdaGrad. The
-controls split the causes: for AdaGrad the whole gain comes from the optimizer reset (reset-only
-reaches 106% of it, teleport with the state kept 0%); for momentum and Adam it comes from the
-optimised move (reset-only and a random move of the same size: about 0%); RMSProp is in between
-(reset-only 14%, random move 15%). Per wall time (Figure 13) the 8 teleports cost 0.6-0.7 s,
-about 10 compiled epochs of this small subset, and the teleport arm stays behind the baseline.
-
-Outputs: under OUT_DIR, results/optimization/<DATASET>_<optimizer>.json per optimizer (its
-resolved config, the environment, the data, and per arm the train/test loss and accuracy per
-epoch and run, wall time, teleport records, the epoch each diverged run diverged at),
-results/optimization/<DATASET>_summary.json and .md (loss tables, the controls' shares of the
-teleport gain, divergence counts), figures/optimization/<DATASET>_<optimizer>_loss_vs_epoch.png
-(Figure 5) and _loss_vs_time.png (Figure 13): train and test loss side by side, every arm. The
-set replaces the previous one only when the run completes; progress is kept in OUT_DIR/.progress/.
+Outputs: under OUT_DIR, results/optimization/<DATASET>_<optimizer>.json (config, environment, data,
+per arm the losses per epoch and run, times, teleport records, divergence epochs) and
+<DATASET>_summary.json/.md (tables, verdicts); figures/optimization/<DATASET>_<optimizer>_loss_vs_epoch.png
+(Figure 5) and _loss_vs_time.png (Figure 13). Written as a set when complete; progress in OUT_DIR/.progress/.
 """
 import os
 
@@ -59,9 +32,9 @@ from lib.data import load
 from lib.io import (check_replace, environment, experiment_dirs, load_results, relative, save_json,
                     save_text, staged)
 from lib.models import Activation
-from lib.plots import COLORS, plot_mean_std, save_figure
+from lib.plots import loss_panels, save_figure
 from lib.progress import Checkpoint
-from lib.report import diverged, finite_stats, format_row, markdown_table
+from lib.report import diverged, finite_stats, format_row, markdown_table, stats_cell
 from lib.teleport import make_objective
 from lib.train import make_model
 
@@ -116,10 +89,9 @@ GUARD = float("inf")  # lib.arms guard: undo only moves that fail (LinAlgError, 
 
 
 def declare_arms(ocfg):
-    """Every arm (lib.arms.Arm) with one optimizer's resolved teleport settings: the controls
-    reset-only (the optimizer reset alone, at the teleport moments), random-teleport (a random
-    group element with the algebra norms ||g - I|| the teleport arm found at each moment),
-    teleport-keep and -transport (optimizer state kept, or first moments pushed forward)."""
+    """Every arm (lib.arms.Arm) with one optimizer's teleport settings. Controls: reset-only (the reset
+    alone, at the teleport moments), random-teleport (a random g with the teleport's ||g - I|| at each
+    moment), teleport-keep and -transport (optimizer state kept, or first moments pushed forward)."""
     tele = dict(objective=make_objective("grad_norm", ACT), action=GLAction(46), steps=ocfg["TELE_STEPS"],
                 lr=ocfg["TELE_LR"], stop_above=ocfg["STOP_ABOVE"])
     return {"baseline": Arm("baseline"),
@@ -130,8 +102,21 @@ def declare_arms(ocfg):
             "teleport-transport": Arm("teleport-transport", "teleport", "transport", teleport=tele, guard=GUARD)}
 
 
-def arms_of(cfg):
-    """The arm names to run, teleport before random-teleport (which reuses its norms)."""
+def check(cfg):
+    """Validate the settings (one-line UsageErrors); returns the arm names to run, teleport
+    before random-teleport (which reuses its norms)."""
+    check_choice("dataset", cfg["DATASET"], WIDTHS)
+    for k in ("EPOCHS", "N_RUNS", "BATCH_SIZE", "TRAIN_SIZE", "TELE_BATCH_SIZE", "TELE_BATCHES", "TELE_STEPS",
+              "CHECKPOINT_S"):  # the last three may be 0
+        check_positive(k.lower(), cfg[k], allow_zero=k in ("TELE_BATCHES", "TELE_STEPS", "CHECKPOINT_S"))
+    for opt in cfg["OPTIMIZERS_RUN"]:
+        ocfg = with_preset(cfg, PRESETS, "OPTIMIZER", opt)  # an unknown optimizer is a UsageError
+        for k in ("LR", "TELE_EPOCH", "TELE_LR"):
+            if isinstance(ocfg[k], bool) or not isinstance(ocfg[k], int if k == "TELE_EPOCH" else (int, float)):
+                raise UsageError(f"--{k.lower().replace('_', '-')}: expected a number, got {ocfg[k]!r}")
+            check_positive(f"{opt} {k.lower()}", ocfg[k], allow_zero=k != "LR")
+        if ocfg["TELE_EPOCH"] >= cfg["EPOCHS"]:
+            raise UsageError(f"{opt} tele_epoch {ocfg['TELE_EPOCH']} is not below epochs = {cfg['EPOCHS']}")
     arms = list(dict.fromkeys(list(cfg["ARMS"]) + (CONTROL_ARMS if cfg["CONTROLS"] else [])))
     for a in arms:
         check_choice("arm", a, ARM_NAMES)
@@ -141,28 +126,11 @@ def arms_of(cfg):
     return sorted(arms, key=lambda a: a == "random-teleport")
 
 
-def check(cfg):
-    check_choice("dataset", cfg["DATASET"], WIDTHS)
-    for k in ("EPOCHS", "N_RUNS", "BATCH_SIZE", "TRAIN_SIZE", "TELE_BATCH_SIZE"):
-        check_positive(k.lower(), cfg[k], allow_zero=False)
-    for k in ("TELE_BATCHES", "TELE_STEPS", "CHECKPOINT_S"):
-        check_positive(k.lower(), cfg[k])
-    for opt in cfg["OPTIMIZERS_RUN"]:
-        ocfg = with_preset(cfg, PRESETS, "OPTIMIZER", opt)  # an unknown optimizer is a UsageError
-        for k in ("LR", "TELE_EPOCH", "TELE_LR"):
-            if isinstance(ocfg[k], bool) or not isinstance(ocfg[k], int if k == "TELE_EPOCH" else (int, float)):
-                raise UsageError(f"--{k.lower().replace('_', '-')}: expected a number, got {ocfg[k]!r}")
-            check_positive(f"{opt} {k.lower()}", ocfg[k], allow_zero=k != "LR")
-        if ocfg["TELE_EPOCH"] >= cfg["EPOCHS"]:
-            raise UsageError(f"{opt} tele_epoch {ocfg['TELE_EPOCH']} is not below epochs = {cfg['EPOCHS']}")
-    return arms_of(cfg)
-
-
 def run_arm(ocfg, data, optimizer, arm, ckpt, matched=None):
-    """Train the N_RUNS seeds of one arm as one batched model, the arm carried out by an ArmHook
-    at the teleport moments: one unit of the run's progress (a finished unit is not run again,
-    an interrupted one resumes). Returns fit's curves (lists over epochs of N_RUNS values) plus
-    the seeds and the arm's records ('teleports')."""
+    """The N_RUNS seeds of one arm as one batched model, the arm acting at the teleport moments
+    (ArmHook): one unit of progress (a finished unit is not run again, an interrupted one resumes).
+    Returns fit's curves (lists over epochs of N_RUNS values), the seeds and the arm's records.
+    One model per arm: Adam's step count is per weight tensor, so arms sharing one could not reset alone."""
     unit = f"{optimizer} {arm.name}"
     if ckpt.unit(unit) is not None:
         return ckpt.unit(unit)
@@ -175,37 +143,26 @@ def run_arm(ocfg, data, optimizer, arm, ckpt, matched=None):
     return ckpt.finish_unit(unit, {**hist, "seeds": seeds, "teleports": hook.records[arm.name]})
 
 
-def unmoved(rec, n_models):
-    """(K,) bool: the models a teleport left where they were (its linear algebra failed, or the
-    guard undid the move)."""
-    return np.array(rec.get("failed", [False] * n_models), bool) | ("error" in rec)
-
-
 def norms_to_match(records, n_models, n_pairs):
     """The teleport arm's records as random-teleport reads them: norm 0 (no move) for the models
-    the teleport did not move."""
-    out = []
-    for r in records:
-        norms = np.array(r["algebra_norm"], float) if "algebra_norm" in r else np.zeros((n_models, n_pairs))
-        norms[unmoved(r, n_models)] = 0.0
-        out.append({**r, "algebra_norm": norms.tolist()})
-    return out
+    the teleport left where they were (its linear algebra failed, or the guard undid the move)."""
+    unmoved = lambda r: np.array(r.get("failed", [False] * n_models), bool)[:, None] | ("error" in r)  # noqa: E731
+    return [{**r, "algebra_norm": np.where(unmoved(r), 0.0, np.asarray(
+        r.get("algebra_norm", np.zeros((n_models, n_pairs))), float)).tolist()} for r in records]
 
 
 def runs_diverged(h):
-    """Per run, the first (1-based) epoch whose train or test loss is non-finite or absurd
-    (lib.report.diverged), or None."""
-    at = [diverged(np.asarray(h[k], float).T) for k in ("train_loss", "test_loss")]
-    return [min((e for e in pair if e is not None), default=None) for pair in zip(*at)]
+    """Per run, the first (1-based) epoch whose train or test loss is non-finite or absurd, or None:
+    lib.report.diverged of the larger of the two (np.maximum keeps a NaN of either)."""
+    return diverged(np.maximum(np.asarray(h["train_loss"], float), np.asarray(h["test_loss"], float)).T)
 
 
 def run_optimizer(ocfg, data, optimizer, names, ckpt):
-    arms, out = declare_arms(ocfg), {}
+    """Every arm in `names` for one optimizer, one console row each; {arm: run_arm's result}."""
+    arms, out, n_pairs = declare_arms(ocfg), {}, len(WIDTHS[ocfg["DATASET"]]) - 2
     for name in names:
-        matched = None
-        if arms[name].move == "random":
-            matched = {"teleport": norms_to_match(out["teleport"]["teleports"], ocfg["N_RUNS"],
-                                                  len(WIDTHS[ocfg["DATASET"]]) - 2)}
+        matched = None if arms[name].move != "random" else {
+            "teleport": norms_to_match(out["teleport"]["teleports"], ocfg["N_RUNS"], n_pairs)}
         h = out[name] = dict(run_arm(ocfg, data, optimizer, arms[name], ckpt, matched))
         h["diverged"] = runs_diverged(h)
         ok = [d is None for d in h["diverged"]]
@@ -223,49 +180,17 @@ def run_optimizer(ocfg, data, optimizer, names, ckpt):
 
 
 def plot_optimizer(res, title, path_stem):
-    """Figure 5 (x = epoch) and Figure 13 (x = the arm's wall time): training loss (left) and
-    test loss (right), mean over the runs that did not diverge (lib.plots.plot_mean_std marks
-    the others); baseline and teleport with a +-1 std band, the controls drawn on top in their
-    own line styles and markers. The log axis spans the finite values drawn."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogFormatter, MaxNLocator
+    """Figure 5 (x = epoch) and Figure 13 (x = the arm's wall time): training and test loss of
+    every arm side by side (lib.plots.loss_panels: diverged runs left out and marked), baseline
+    and teleport with a +-1 std band, the controls on top in their own line styles and markers."""
     order = [a for a in ARM_NAMES if a in res] + [a for a in res if a not in ARM_NAMES]
-    for x_kind in ("epoch", "time"):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        xs = []
-        for ax, key in zip(axes, ("train_loss", "test_loss")):
-            for arm in order:
-                runs = np.asarray(res[arm][key], float).T  # (K, E)
-                x = np.arange(1, runs.shape[1] + 1) if x_kind == "epoch" else np.asarray(res[arm]["time_s"], float)
-                xs.append(x)
-                plot_mean_std(ax, x, runs, label=arm, color=COLORS.get(arm), shade=arm not in STYLES,
-                              lw=1.3 if arm in STYLES else 1.5)
-                if arm in STYLES:  # the mean line, drawn last
-                    ls, marker = STYLES[arm]
-                    ax.lines[-1].set(linestyle=ls, marker=marker, markevery=max(1, len(x) // 8), ms=4, zorder=3,
-                                     markerfacecolor="none")
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(LogFormatter())  # 2.2, not 2.2 x 10^0
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-            ax.set_title("training loss" if key == "train_loss" else "test loss", fontsize=10)
-            ax.set_xlabel("epoch" if x_kind == "epoch" else "wall time of the arm (s, all runs batched)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=x_kind == "epoch"))
-        drawn = [a.get_ydata() for ax in axes for a in ax.lines] + [
-            p.vertices[:, 1] for ax in axes for c in ax.collections for p in c.get_paths()]
-        y = np.concatenate([np.asarray(v, float).ravel() for v in drawn])
-        y = y[np.isfinite(y) & (y > 0)]
-        if y.size:
-            pad = (y.max() / y.min()) ** 0.05
-            axes[0].set_ylim(y.min() / pad, y.max() * pad)
-        else:  # nothing finite drawn: the axes span the epochs (or times) all the same
-            axes[0].set_ylim(0.1, 10)
-            for ax in axes:
-                ax.set_xlim(min(x.min() for x in xs), max(x.max() for x in xs))
-                ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center")
-        axes[0].set_ylabel("cross-entropy loss")
-        axes[1].legend(fontsize=7)
-        fig.suptitle(title, fontsize=10)
-        save_figure(fig, f"{path_stem}_loss_vs_{x_kind}.png")
+    curves = {a: {k: np.asarray(res[a][k], float).T for k in ("train_loss", "test_loss")} for a in order}
+    for kind, xlabel in (("epoch", "epoch"), ("time", "wall time of the arm (s, all runs batched)")):
+        x = {a: np.arange(1, len(res[a]["train_loss"]) + 1) if kind == "epoch" else np.asarray(res[a]["time_s"], float)
+             for a in order}
+        fig = loss_panels(curves, x, [("train_loss", "training loss"), ("test_loss", "test loss")], STYLES, title,
+                          xlabel, "cross-entropy loss", integer_x=kind == "epoch")
+        save_figure(fig, f"{path_stem}_loss_vs_{kind}.png")
 
 
 def arm_stats(h, rep, ctl):
@@ -280,14 +205,14 @@ def arm_stats(h, rep, ctl):
             "time_s": float(h["time_s"][-1]),
             "teleport_time_s": float(sum(r.get("time_s", 0.0) for r in h["teleports"])),
             "mean_train_loss_all_epochs": finite_stats(np.asarray(h["train_loss"], float).mean(0), ok)[0],
-            "diverged": at, "teleports_failed": int(sum(unmoved(r, len(at)).any() for r in h["teleports"]))}
+            "diverged": at,  # a failed teleport: its linear algebra failed, or the guard undid the move
+            "teleports_failed": sum(any(r.get("failed", ())) or "error" in r for r in h["teleports"])}
 
 
 def verdict(opt, res, stats, ctl):
-    """The teleport arm's gain over the baseline (train loss averaged over all epochs) over the
-    runs that diverged in neither arm, and the share of it each control reaches (over the runs
-    where it did not diverge either; also at each of CONTROL_EPOCHS). Returns the verdict and the
-    comparison at epochs 1-5; 'diverged', and no gain, where no run is left."""
+    """The teleport arm's gain over the baseline (train loss averaged over all epochs, runs that
+    diverged in neither arm) and the share of it each control reaches (also at CONTROL_EPOCHS).
+    Returns the verdict and the comparison at epochs 1-5; 'diverged', no gain, if no run is left."""
     ok = {a: np.array([e is None for e in stats[a]["diverged"]]) for a in res}
     both, K = ok["baseline"] & ok["teleport"], len(ok["baseline"])
     lost = {a: int(K - ok[a].sum()) for a in ("baseline", "teleport")}
@@ -296,15 +221,13 @@ def verdict(opt, res, stats, ctl):
         return {"gain": None, "diverged": lost, "text": text}, f"{opt}: diverged"
     loss = {a: np.asarray(res[a]["train_loss"], float) for a in res}  # (epochs, K)
 
-    def gain(a, sel, e=None):  # baseline minus arm in train loss, over the runs sel, all epochs or epoch e
-        diff = loss["baseline"] - loss[a]
-        return float((diff if e is None else diff[e - 1])[..., sel].mean())
+    def gain(a, sel, e=None):  # baseline minus arm in train loss over the runs sel: all epochs, or epoch e
+        return float((loss["baseline"] - loss[a])[slice(None) if e is None else e - 1][..., sel].mean())
 
     def share(a, sel, e=None):
         return gain(a, sel, e) / gain("teleport", sel, e) if gain("teleport", sel, e) else float("nan")
-    text = (f"{opt}: teleport lowers the training loss averaged over all epochs by {gain('teleport', both):+.4f} "
-            f"below the baseline")
-    text += "" if both.all() else f" (the {both.sum()} of {K} runs that diverged in neither arm)"
+    text = (f"{opt}: teleport lowers the training loss averaged over all epochs by {gain('teleport', both):+.4f} below "
+            "the baseline" + ("" if both.all() else f" (the {both.sum()} of {K} runs that diverged in neither arm)"))
     if stats["teleport"]["teleports_failed"]:
         text += f"; {stats['teleport']['teleports_failed']} teleports failed and left models where they were"
     shares, shares_at, e5 = {}, {}, 5 if 5 in ctl else ctl[-1]
@@ -324,32 +247,25 @@ def verdict(opt, res, stats, ctl):
 
 
 def summary(cfg, results):
-    """Per optimizer and arm (arm_stats): mean train / test loss at REPORT_EPOCHS, total time and
-    diverged runs; mean +- std train loss at CONTROL_EPOCHS; the verdicts (verdict). Runs that
-    diverged are left out of every mean; a cell says over how many runs where some diverged,
-    'diverged' where none is left."""
-    rep = [e for e in cfg["REPORT_EPOCHS"] if e <= cfg["EPOCHS"]]
-    ctl = [e for e in cfg["CONTROL_EPOCHS"] if e <= cfg["EPOCHS"]]
-
-    def cell(s, fmt):  # s: (mean, std, number) of the runs left
-        some = f" ({s[2]} of {cfg['N_RUNS']} runs)" if s[2] < cfg["N_RUNS"] else ""
-        return "diverged" if s[2] == 0 else fmt.format(*s) + some
-
-    rows, crows, verdicts, data, below = [], [], {}, {}, {}
+    """Per optimizer and arm (arm_stats): mean train / test loss at REPORT_EPOCHS, time, diverged runs;
+    mean +- std train loss at CONTROL_EPOCHS; the verdicts. Diverged runs are left out of every
+    mean (lib.report.stats_cell says over how many runs, or 'diverged')."""
+    rep, ctl = ([e for e in cfg[k] if e <= cfg["EPOCHS"]] for k in ("REPORT_EPOCHS", "CONTROL_EPOCHS"))
+    n, rows, crows, verdicts, data, below = cfg["N_RUNS"], [], [], {}, {}, {}
     for opt, res in results.items():
         d = data[opt] = {arm: arm_stats(h, rep, ctl) for arm, h in res.items()}
         for arm, a in d.items():
             bad = sorted(e for e in a["diverged"] if e is not None)
-            rows.append([opt, arm] + [f"{cell(a['train_loss'][e], '{:.4g}')} / {cell(a['test_loss'][e], '{:.4g}')}"
+            rows.append([opt, arm] + [f"{stats_cell(a['train_loss'][e], n)} / {stats_cell(a['test_loss'][e], n)}"
                                       for e in rep] + [f"{a['time_s']:.1f} ({a['teleport_time_s']:.1f})",
                                                        f"{len(bad)} (from epoch {bad[0]})" if bad else "0"])
-            crows.append([opt, arm] + [cell(a["train_loss"][e], "{:.4f} ± {:.4f}") for e in ctl])
+            crows.append([opt, arm] + [stats_cell(a["train_loss"][e], n, "{:.4f} ± {:.4f}") for e in ctl])
         if "baseline" in res and "teleport" in res:
             verdicts[opt], below[opt] = verdict(opt, res, d, ctl)
     header = ["optimizer", "arm"] + [f"train / test @ {e}" for e in rep] + ["time s (teleports)", "diverged runs"]
-    cheader = ["optimizer", "arm"] + [f"train @ {e}" for e in ctl]
-    md = (f"## {cfg['DATASET']}: mean train / test loss over {cfg['N_RUNS']} runs\n\n" + markdown_table(header, rows)
-          + f"\n\n## Controls: train loss, mean ± std over {cfg['N_RUNS']} runs\n\n" + markdown_table(cheader, crows)
+    md = (f"## {cfg['DATASET']}: mean train / test loss over {n} runs\n\n" + markdown_table(header, rows)
+          + f"\n\n## Controls: train loss, mean ± std over {n} runs\n\n"
+          + markdown_table(["optimizer", "arm"] + [f"train @ {e}" for e in ctl], crows)
           + "\n\n" + "\n".join(f"- {v['text']}" for v in verdicts.values())
           + "\n\nTeleport arm's mean training loss below the baseline's, by epoch (teleport vs baseline):\n\n"
           + "\n".join(f"- {v}" for v in below.values()) + "\n")
@@ -360,45 +276,48 @@ def saved_config(cfg):
     return {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
 
 
+def train_all(cfg, names, path):
+    """Every optimizer's arms (settings and data checked against saved results first): what to save."""
+    configs = {opt: with_preset(cfg, PRESETS, "OPTIMIZER", opt) for opt in cfg["OPTIMIZERS_RUN"]}
+    for opt, ocfg in configs.items():
+        check_replace(path(opt), saved_config(ocfg))
+    check_replace(path("summary"), saved_config(cfg))
+    data = load(cfg["DATASET"], cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
+    print(f"{data.label}: {len(data.y_train)} training, {len(data.y_test)} test images")
+    for opt, ocfg in configs.items():
+        check_replace(path(opt), saved_config(ocfg), data=data)
+    ckpt = Checkpoint(cfg, f"teleport_optimization-{cfg['DATASET']}")
+    return {opt: {"config": saved_config(ocfg), "environment": environment(), "optimizer": opt,
+                  "data": {**data.info, "label": data.label}, "arms": run_optimizer(ocfg, data, opt, names, ckpt)}
+            for opt, ocfg in configs.items()}, ckpt
+
+
 def main(cfg):
     names = check(cfg)
     if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # a 784-16-10-10 MLP at batch 20 is launch-bound: 1 thread is fastest
-    tag, opts = cfg["DATASET"], cfg["OPTIMIZERS_RUN"]
+    tag, plot_only = cfg["DATASET"], cfg["PLOT_ONLY"]
     path = lambda name: os.path.join(cfg["OUT_DIR"], "results", "optimization", f"{tag}_{name}.json")  # noqa: E731
-    if cfg["PLOT_ONLY"]:
-        saved = {opt: load_results(path(opt)) for opt in opts}
-        run_cfg = {**saved[opts[0]]["config"], "PLOT_ONLY": True}  # the config the results were made with
+    if plot_only:  # the tables use the config the results were made with
+        saved = {opt: load_results(path(opt)) for opt in cfg["OPTIMIZERS_RUN"]}
+        run_cfg = {**next(iter(saved.values()))["config"], "PLOT_ONLY": True}
     else:
-        configs = {opt: with_preset(cfg, PRESETS, "OPTIMIZER", opt) for opt in opts}
-        run_cfg = saved_config(cfg)
-        for opt in opts:
-            check_replace(path(opt), saved_config(configs[opt]))
-        check_replace(path("summary"), run_cfg)
-        data = load(tag, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
-        print(f"{data.label}: {len(data.y_train)} training, {len(data.y_test)} test images")
-        for opt in opts:
-            check_replace(path(opt), saved_config(configs[opt]), data=data)
-        ckpt = Checkpoint(cfg, f"teleport_optimization-{tag}")
-        saved = {opt: {"config": saved_config(ocfg), "environment": environment(), "optimizer": opt,
-                       "data": {**data.info, "label": data.label}, "arms": run_optimizer(ocfg, data, opt, names, ckpt)}
-                 for opt, ocfg in configs.items()}
+        (saved, ckpt), run_cfg = train_all(cfg, names, path), saved_config(cfg)
     with staged(cfg["OUT_DIR"]) as out:  # the outputs replace the previous set only when all are written
         fig_dir, res_dir = experiment_dirs("optimization", out)
         for opt, s in saved.items():
-            if not cfg["PLOT_ONLY"]:
+            if not plot_only:
                 save_json(os.path.join(res_dir, f"{tag}_{opt}.json"), s)
-            label = s["data"]["label"]
             n_runs = len(next(iter(s["arms"].values()))["train_loss"][0])
-            plot_optimizer(s["arms"], f"{label}, {opt}: mean over {n_runs} runs (band: ±1 std)",
+            plot_optimizer(s["arms"], f"{s['data']['label']}, {opt}: mean over {n_runs} runs (band: ±1 std)",
                            os.path.join(fig_dir, f"{tag}_{opt}"))
         md, summ = summary(run_cfg, {opt: s["arms"] for opt, s in saved.items()})
         print("\n" + md)
-        if not cfg["PLOT_ONLY"]:
-            save_json(os.path.join(res_dir, f"{tag}_summary.json"), {"config": run_cfg, "environment": environment(),
-                                                                     **summ})
+        if not plot_only:
+            save_json(os.path.join(res_dir, f"{tag}_summary.json"),
+                      {"config": run_cfg, "environment": environment(), **summ})
             save_text(os.path.join(res_dir, f"{tag}_summary.md"), md)
-    if not cfg["PLOT_ONLY"]:
+    if not plot_only:
         ckpt.finish()
     return {opt: s["arms"] for opt, s in saved.items()}
 

@@ -124,3 +124,51 @@ def branch_panels(curves, at, arms, branch, keys=(("test_loss", "-"), ("train_lo
     axes[1].set_ylabel(f"{ylabel} minus {baseline}, same seed")
     axes[1].legend(handles=handles, fontsize=8)
     return fig, axes
+
+
+def loss_panels(curves, x, panels, styles=None, title=None, xlabel="epoch", ylabel="loss", integer_x=True,
+                size=(5, 3.8)):
+    """A row of log-scale panels sharing the y-axis, one per (key, panel title) in `panels`, each
+    with one line per arm of curves ({arm: {key: (R, T) runs}}) against x[arm] ((T,)): the mean
+    over the runs that did not diverge (plot_mean_std marks the others). Arms in `styles` ({arm:
+    (linestyle, marker)}, e.g. controls) are drawn on top without a band, the others with a +-1 std
+    band. The y-axis spans the finite values drawn; with none, the panels say every run diverged.
+    Returns the figure (save it with save_figure)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import LogFormatter, MaxNLocator
+    styles = styles or {}
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (key, name) in zip(axes, panels):
+        for arm, c in curves.items():
+            plot_mean_std(ax, x[arm], c[key], label=arm, color=COLORS.get(arm), shade=arm not in styles,
+                          lw=1.3 if arm in styles else 1.5)
+            if arm in styles:  # its mean line, drawn last
+                ls, marker = styles[arm]
+                ax.lines[-1].set(linestyle=ls, marker=marker, markevery=max(1, len(x[arm]) // 8), ms=4, zorder=3,
+                                 markerfacecolor="none")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter())  # 2.2, not 2.2 x 10^0
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=integer_x))
+    drawn = [ln.get_ydata() for ax in axes for ln in ax.lines] + [
+        p.vertices[:, 1] for ax in axes for c in ax.collections for p in c.get_paths()]
+    y = np.concatenate([np.asarray(v, float).ravel() for v in drawn])
+    y = y[np.isfinite(y) & (y > 0)]
+    if y.size:
+        pad = (y.max() / y.min()) ** 0.05
+        axes[0].set_ylim(y.min() / pad, y.max() * pad)
+    else:  # nothing finite drawn: the axes span the x values all the same
+        axes[0].set_ylim(0.1, 10)
+        xs = np.concatenate([np.asarray(x[arm], float).ravel() for arm in curves])
+        for ax in axes:
+            ax.set_xlim(xs.min(), xs.max())
+            ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center")
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7)
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -128,3 +128,12 @@ def move_drift(records, keep):
     if records and "drift" in records[0]:
         return record_mean(records, "drift", keep), float("nan")
     return 0.0 if any(keep) else float("nan"), float("nan")
+
+
+def stats_cell(stats, n_runs, fmt="{:.4g}"):
+    """A table cell for finite_stats' (mean, std, n): `fmt` filled with the mean and the std of the
+    runs that did not diverge, '(n of n_runs runs)' added where some did, 'diverged' where none is left."""
+    mean, std, n = stats
+    if n == 0:
+        return "diverged"
+    return fmt.format(mean, std) + (f" ({n} of {n_runs} runs)" if n < n_runs else "")

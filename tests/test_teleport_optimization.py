@@ -9,13 +9,12 @@ import shutil
 import sys
 
 import pytest
-
-from lib.io import check_replace
 import torch
 
 import lib.progress
 from lib.config import UsageError, resolve, run, with_preset
 from lib.data import load, write_fake
+from lib.io import check_replace
 from lib.progress import Checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
