@@ -1,62 +1,44 @@
 """Exact positive-rescaling teleportation vs the GL(h) teleport of eq. (46) (not a paper figure: the
 course project's claim that the rescaling symmetry beats the paper's GL action).
 
-(Leaky)ReLU is positively homogeneous, sigma(alpha z) = alpha sigma(z) for alpha > 0, so scaling the
-incoming weights of hidden neuron i by alpha_i = exp(a_i) and its outgoing weights by 1/alpha_i leaves
-the network's function unchanged on *every* input (G-SGD, Meng et al. 2019):
-    W_m <- diag(e^{a_m}) W_m,   W_{m+1} <- W_{m+1} diag(e^{-a_m}),   every hidden layer m at once.
-Teleportation climbs ||grad L||^2 (Section 5.1, Algorithm 1's inner loop) by gradient ascent on the
-diagonal Lie algebra (a_m in R^{d_m}). The GL(h) action of eq. (46) needs a pseudo-inverse of the
-activations and preserves the loss only on the teleport batch, and only when the batch is no larger
-than the hidden widths (here 200 > 16, so it drifts even there).
-
-Arms (5 seeds each, same initial weights and the same teleport batches in every arm): none (no
-teleport); reset-only (no teleport, but the optimizer state is reset at the teleport moments: a
-control, for Adagrad the reset alone changes the trajectory); gl46 (eq. (46) on every layer pair,
-g = I + T, the authors' parametrisation); gl46-last (eq. (46) on the last pair (W_3, W_2) only, the
-authors' original restriction); rescale (positive rescaling of every hidden layer, alpha = exp(a)).
-Protocol: MNIST 784-16-10-10 without biases, ReLU and LeakyReLU(0.1), SGD and Adagrad at lr 1e-2,
-batches of 20 in sequential order, 20 epochs; teleport before each of the first 8 mini-batches of
-epochs 0 and 2, each on a fresh random batch of 200 training images, 10 ascent steps; optimizer state
-reset after each teleport (the authors' code). Two choices forced by the step-size sweeps
-(tune_rescaling_step_sizes.py, results/rescaling/*sweep*.json): ascent on log ||grad L||^2 (OBJECTIVE:
-the same direction, steps relative to ||grad L||^2), since plain ascent on ||grad L||^2 runs away on
-both orbits (both are unbounded above); and a guard (REJECT_DRIFT): a model's teleport is undone if it
-makes ||grad L||^2 or the weights non-finite, or moves the loss on its own teleport batch by more than
-10 % (the table counts these). Step sizes TELE_LR_*, tuned per action by the sweep: gl46 1e-3,
-gl46-last 1e-3, rescale 1e-2 (of 1e-3 ... 1); the wider network reuses them.
+(Leaky)ReLU is positively homogeneous, so W_m <- diag(e^{a_m}) W_m, W_{m+1} <- W_{m+1} diag(e^{-a_m}) on
+every hidden layer m leaves the function unchanged on *every* input (G-SGD, Meng et al. 2019); the
+teleport climbs ||grad L||^2 (Section 5.1, Algorithm 1's inner loop) by gradient ascent on the a_m.
+Eq. (46) needs a pseudo-inverse of the activations and keeps the loss only on the teleport batch, and
+only when that batch is no larger than the hidden widths (here 200 > 16, so it drifts even there).
+Arms (same initial weights and teleport batches): none; reset-only (optimizer state reset at the
+teleport moments, no teleport: a control); gl46 (eq. (46) on every layer pair, g = I + T, the
+authors'); gl46-last (on (W_3, W_2) only, the authors' restriction); rescale (every hidden layer).
+Protocol: MNIST 784-16-10-10 without biases, ReLU and LeakyReLU(0.1), SGD and Adagrad at lr 1e-2, 5
+seeds, batches of 20 in order, 20 epochs; before each of the first 8 mini-batches of epochs 0 and 2, a
+teleport on a fresh random batch of 200 images (10 ascent steps on log ||grad L||^2: plain ascent runs
+away on both orbits), then the optimizer state is reset (the authors' code). A model's teleport is
+undone (counted) if it makes ||grad L||^2 or the weights non-finite or moves its teleport-batch loss by
+> 10 % (REJECT_DRIFT). Step sizes tuned per action by tune_rescaling_step_sizes.py (results/rescaling/
+*sweep*.json): gl46 1e-3, gl46-last 1e-3, rescale 1e-2 (of 1e-3 ... 1). Results of other settings are
+not replaced without --replace; an interrupted run resumes; a model whose loss turns non-finite or
+> 1e6 is recorded as diverged and left out of means, gains and drifts (counted) and the drift figure.
 
     python teleport_relu_rescaling.py                                 # the protocol
     python teleport_relu_rescaling.py --widths=[784,128,64,10]        # the wider network
+    python teleport_relu_rescaling.py --tag=big-steps --tele-lr-gl46=3e-3 --tele-lr-gl46-last=3e-3 \\
+        --tele-lr-rescale=3e-2                                        # the big-steps variant (3x)
     python teleport_relu_rescaling.py --plot-only ...                 # redraw the figures from results
     python tune_rescaling_step_sizes.py ...                           # the step-size sweep
 
-The committed big-steps variant (3x the tuned step sizes) is --tag=big-steps --tele-lr-gl46=3e-3
---tele-lr-gl46-last=3e-3 --tele-lr-rescale=3e-2.
-
-The defaults are the protocol of the committed results; results made with other settings or on
-other data are not replaced without --replace (--out-dir=DIR writes elsewhere). Each (activation,
-optimizer, arm) is a unit of progress (lib.progress): an interrupted run, started again with the
-same command, resumes. A model whose training or test loss turns non-finite or absurd (> 1e6) is
-recorded as diverged, with the epoch, and left out of the table's means, gains and drifts with a
-count; its teleports are left out of the drift figure.
-
 Outputs: under OUT_DIR, figures/rescaling/<tag>_<activation>_<optimizer>_{loss,drift}.png,
-results/rescaling/<tag>_<activation>_<optimizer>.json (resolved config, environment, data, per arm
-the training curves, every teleport's record, the epoch each diverged model diverged at and a
-summary) and results/rescaling/<tag>_table.{json,md} (<tag> = dataset, plus the widths when not
-the dataset's preset, plus TAG when given). The set replaces the previous one only when the run
-completes; progress is kept in OUT_DIR/.progress/. --plot-only redraws the figures and prints
-the table, and writes nothing else.
+results/rescaling/<tag>_<activation>_<optimizer>.json (config, environment, data, per arm the
+curves, every teleport's record, the epoch each diverged model diverged at, a summary) and
+results/rescaling/<tag>_table.{json,md} (<tag>: dataset, plus the widths when not the preset's, plus
+TAG), replacing the previous set only when complete (progress in OUT_DIR/.progress/). --plot-only
+redraws the figures and prints the table, and writes nothing else.
 
-CPU runtime (2 cores shared with other jobs, load ~14; 4,000-image MNIST subset): the protocol ~5 min
-per activation, 784-128-64-10 ~17 min per activation (one torch thread on a CPU unless
-OMP_NUM_THREADS is set: this small MLP is launch-bound); --quick (500 images, 2 seeds, 3 epochs):
-26 s of CPU time, 15 s of it drawing the 8 figures; 48-55 s on the 2 cores at load 3-6.
+CPU runtime (2 cores, load ~14; 4,000-image MNIST subset): ~5 min per activation, 784-128-64-10 ~17
+min (one torch thread unless OMP_NUM_THREADS is set: launch-bound); --quick: 26 s CPU, 48-55 s wall.
 Headline (mnist5k): rescaling is exact (test-set drift <= 3.4e-7, float32 round-off) where GL(46)
-drifts it by a median 3e-6 ... 3e-4 (max 3.5e-2) and takes 2-3x longer per teleport; at the tuned step sizes it gives the
-lowest mean training loss after 20 epochs in 3 of 4 settings, but by less than the seed-to-seed spread
-of the paired difference, and on Adagrad most of any gain is the optimizer reset (reset-only control).
+drifts it by a median 3e-6 ... 3e-4 (max 3.5e-2) and takes 2-3x longer per teleport; at the tuned step
+sizes it gives the lowest mean training loss after 20 epochs in 3 of 4 settings, but by less than the
+seed-to-seed spread of the paired difference, and on Adagrad most of any gain is the optimizer reset.
 """
 import math
 import os
@@ -68,13 +50,12 @@ from lib.actions import GLAction, RescaleAction, group_element
 from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run
 from lib.data import load
-from lib.io import (check_replace, environment, experiment_dirs, load_results, relative, save_json, save_text,
-                    staged)
+from lib.io import check_replace, environment, experiment_dirs, load_results, relative, save_json, save_text, staged
 from lib.models import ACTIVATIONS as ACTIVATION_CHOICES, activation
 from lib.optim import OPTIMIZERS as OPTIMIZER_CHOICES, check_strategy
 from lib.plots import COLORS, plot_mean_std, save_figure
 from lib.progress import Checkpoint
-from lib.report import diverged, finite_stats, format_row, markdown_table
+from lib.report import cut_diverged, diverged_arms, finite_stats, format_row, markdown_table
 from lib.teleport import make_objective
 from lib.train import make_model
 
@@ -127,25 +108,22 @@ ARM_NAMES = ("none", "reset-only", *ACTIONS)
 OBJECTIVES = ("log_grad_norm", "grad_norm")
 FLOOR = 1e-10                   # drift plotted at this floor where it is exactly 0 (log scale)
 ALL_DIVERGED = "nothing finite to draw: every seed diverged"
+ARM_COLORS = {arm: COLORS["baseline" if arm == "none" else arm] for arm in ARM_NAMES}
 
 
 def check_protocol(cfg):
     """Checks of the settings this script shares with tune_rescaling_step_sizes.py."""
-    for name in cfg["ACTIVATIONS"]:
-        check_choice("activation", name, ACTIVATION_CHOICES)
-    for name in cfg["OPTIMIZERS"]:
-        check_choice("optimizer", name, OPTIMIZER_CHOICES)
-    check_choice("objective", cfg["OBJECTIVE"], OBJECTIVES)
+    choices = [("activation", ACTIVATION_CHOICES, a) for a in cfg["ACTIVATIONS"]] + [("objective", OBJECTIVES,
+               cfg["OBJECTIVE"])] + [("optimizer", OPTIMIZER_CHOICES, o) for o in cfg["OPTIMIZERS"]]
+    for kind, allowed, name in choices:
+        check_choice(kind, name, allowed)
     group_element(torch.zeros(1, 1, 1), cfg["GL_GROUP"])
     check_positive("learning rate", cfg["LR"])
-    for name in ("BATCH_SIZE", "TELE_BATCH_SIZE", "TRAIN_SIZE"):
-        check_positive(name.lower(), cfg[name], allow_zero=False)
-    for name in ("TELE_BATCHES", "TELE_STEPS", "REJECT_DRIFT"):
-        check_positive(name.lower(), cfg[name])
+    for name in ("BATCH_SIZE", "TELE_BATCH_SIZE", "TRAIN_SIZE", "TELE_BATCHES", "TELE_STEPS", "REJECT_DRIFT"):
+        check_positive(name.lower(), cfg[name], allow_zero=name in ("TELE_BATCHES", "TELE_STEPS", "REJECT_DRIFT"))
     if not cfg["SEEDS"]:
         raise UsageError("SEEDS is empty")
-    widths = cfg["WIDTHS"]
-    if len(widths) < 3 or any(int(w) != w or w < 1 for w in widths):
+    if len(widths := cfg["WIDTHS"]) < 3 or any(int(w) != w or w < 1 for w in widths):
         raise UsageError(f"WIDTHS must list >= 3 positive integers (at least one hidden layer), got {widths}")
     if not all(c.isalnum() or c in "-." for c in cfg["TAG"]):
         raise UsageError(f"TAG may hold letters, digits, '-' and '.', got {cfg['TAG']!r}")
@@ -157,16 +135,14 @@ def validate(cfg):
     for name in cfg["ARMS"]:
         check_choice("arm", name, ARM_NAMES)
     check_positive("epochs", cfg["EPOCHS"], allow_zero=False)
-    check_positive("checkpoint_s", cfg["CHECKPOINT_S"])
-    for setting in TELE_LR_SETTING.values():
+    for setting in ("CHECKPOINT_S", *TELE_LR_SETTING.values()):
         check_positive(setting.lower(), cfg[setting])
 
 
 def tag_of(cfg):
     """Output name: the dataset, plus the widths when not the dataset's preset, plus TAG."""
-    widths = cfg["WIDTHS"]
-    tag = cfg["DATASET"] if widths == PRESETS["DATASET"][cfg["DATASET"]]["WIDTHS"] else \
-        f"{cfg['DATASET']}_w{'-'.join(map(str, widths[1:-1]))}"
+    widths, tag = cfg["WIDTHS"], cfg["DATASET"]
+    tag += "" if widths == PRESETS["DATASET"][tag]["WIDTHS"] else f"_w{'-'.join(map(str, widths[1:-1]))}"
     return f"{tag}_{cfg['TAG']}" if cfg["TAG"] else tag
 
 
@@ -177,7 +153,8 @@ def load_data(cfg):
         torch.set_num_threads(1)
     data = load(cfg["DATASET"], cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
     if data.x_train.shape[1] != cfg["WIDTHS"][0]:
-        raise UsageError(f"WIDTHS[0] = {cfg['WIDTHS'][0]} but {cfg['DATASET']} images have {data.x_train.shape[1]} values")
+        raise UsageError(f"WIDTHS[0] = {cfg['WIDTHS'][0]} but {cfg['DATASET']} images have "
+                         f"{data.x_train.shape[1]} values")
     return data
 
 
@@ -188,14 +165,11 @@ def saved_config(cfg):  # paths relative to the repository
 def make_arm(cfg, name, act, tele_lr=None):
     """The arm `name`: the baseline, the reset-only control, or a teleport by the action `name` at
     step size tele_lr (None: its TELE_LR_* setting), guarded by REJECT_DRIFT (lib.arms.Arm)."""
-    if name == "none":
-        return Arm("none")
-    if name == "reset-only":
-        return Arm("reset-only", "none", cfg["OPT_STATE"])
-    lr = cfg[TELE_LR_SETTING[name]] if tele_lr is None else tele_lr
+    if name in ("none", "reset-only"):
+        return Arm(name, "none", cfg["OPT_STATE"]) if name == "reset-only" else Arm("none")
     return Arm(name, "teleport", cfg["OPT_STATE"], guard=cfg["REJECT_DRIFT"],
                teleport=dict(objective=make_objective(cfg["OBJECTIVE"], act), action=ACTIONS[name](cfg["GL_GROUP"]),
-                             steps=cfg["TELE_STEPS"], lr=lr))
+                             steps=cfg["TELE_STEPS"], lr=cfg[TELE_LR_SETTING[name]] if tele_lr is None else tele_lr))
 
 
 def with_grad_norms(rec, objective):
@@ -209,14 +183,12 @@ def with_grad_norms(rec, objective):
 
 
 def run_arm(cfg, ckpt, unit, name, data, act_name, optimizer, epochs, tele_lr=None):
-    """Train len(SEEDS) models of one arm as one batched model: the unit `unit` of the run's
-    progress ckpt (lib.progress.Checkpoint: a finished unit is not run again, an interrupted one
-    resumes). Returns (history, teleport records: one per teleport moment with
-    test_loss_before/after and `failed` per model; [] for the arms that do not teleport)."""
-    if ckpt.unit(unit) is not None:
-        return ckpt.unit(unit)["history"], ckpt.unit(unit)["teleports"]
-    act = activation(act_name)
-    arm = make_arm(cfg, name, act, tele_lr)
+    """Train len(SEEDS) models of one arm as one batched model, the unit `unit` of ckpt (a finished
+    unit is not run again, an interrupted one resumes). Returns (history, teleport records: one per
+    moment with test_loss_before/after and `failed` per model; [] for an arm that does not teleport)."""
+    if (done := ckpt.unit(unit)) is not None:
+        return done["history"], done["teleports"]
+    arm = make_arm(cfg, name, act := activation(act_name), tele_lr)
     W, opt = make_model(cfg["WIDTHS"], cfg["SEEDS"], optimizer, cfg["LR"], cfg["DEVICE"])
     moments = Moments(tuple(cfg["TELE_EPOCHS"]), cfg["TELE_BATCHES"], cfg["TELE_BATCH_SIZE"], cfg["TELE_SEED"])
     hook = ArmHook(W, opt, data, act, [arm], moments, test_drift=arm.move == "teleport")
@@ -228,32 +200,19 @@ def run_arm(cfg, ckpt, unit, name, data, act_name, optimizer, epochs, tele_lr=No
 
 
 def diverged_at(hist):
-    """Per seed, the first (1-based) epoch whose training or test loss is non-finite or above 1e6
-    (lib.report.diverged), or None."""
-    at = [diverged(np.asarray(hist[k], dtype=float).T) for k in ("train_loss", "test_loss")]
-    return [min((e for e in pair if e is not None), default=None) for pair in zip(*at)]
+    """Per seed, the first epoch its training or test loss diverged at (lib.report.diverged_arms), or None."""
+    return diverged_arms({"": {k: np.asarray(hist[k], dtype=float).T for k in ("train_loss", "test_loss")}})[""]
 
 
-def per_teleport(recs, key, ok):
-    """A recorded quantity for every teleport and model, (n_teleports, K); nan where the teleport
-    failed and for the models that diverged (ok: (K,) bool, False for those)."""
-    K = len(next(r["failed"] for r in recs))
-    out = np.array([[np.nan if v is None else v for v in r.get(key, [np.nan] * K)] for r in recs], dtype=float)
-    out[np.array([r["failed"] for r in recs], dtype=bool) | ~np.asarray(ok, dtype=bool)] = np.nan
-    return out
-
-
-def rel_drift(recs, key, ok):
-    """|L_after - L_before| / L_before for every teleport and model: (n_teleports, K)."""
-    b, a = per_teleport(recs, f"{key}_before", ok), per_teleport(recs, f"{key}_after", ok)
+def ratio(recs, ok, key, drift=False):
+    """key_after / key_before for every teleport and model ((n_teleports, K)), |after - before| / before
+    with drift; nan where the teleport failed and for the models that diverged (ok: (K,) bool False)."""
+    K, bad = len(ok), np.array([r["failed"] for r in recs], dtype=bool) | ~np.asarray(ok, dtype=bool)
+    b, a = (np.array([[np.nan if v is None else v for v in r.get(f"{key}_{w}", [np.nan] * K)] for r in recs],
+                     dtype=float) for w in ("before", "after"))
+    b[bad] = a[bad] = np.nan
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.abs(a - b) / b
-
-
-def gain(recs, ok):
-    """||grad L||^2 after / before on the teleport batch: (n_teleports, K)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return per_teleport(recs, "grad_norm_after", ok) / per_teleport(recs, "grad_norm_before", ok)
+        return np.abs(a - b) / b if drift else a / b
 
 
 def nanstat(f, x):
@@ -261,36 +220,30 @@ def nanstat(f, x):
     return float(f(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
 
 
+TELE_STATS = {"grad_gain_median": ("grad_norm", False, np.median), "grad_gain_mean": ("grad_norm", False, np.mean),
+              "drift_batch_median": ("loss", True, np.median), "drift_heldout_median": ("heldout_loss", True, np.median),
+              "drift_test_median": ("test_loss", True, np.median), "drift_test_max": ("test_loss", True, np.max)}
+
+
 def summarize(hist, recs, report_epochs):
     """The table's numbers for one arm, over the seeds that did not diverge (diverged_at; their
     number in n_diverged): mean losses at the report epochs and final accuracy, median gain and
     drifts over their successful teleports; the fraction of all teleports undone, mean teleport time."""
     at = diverged_at(hist)
-    ok = np.array([e is None for e in at])
+    ok, nan = np.array([e is None for e in at]), float("nan")
     s = {f"{k}_{e}": finite_stats(hist[f"{k}_loss"][e - 1], ok)[0] for k in ("train", "test") for e in report_epochs}
     s.update(test_acc_final=finite_stats(hist["test_acc"][-1], ok)[0], train_time_s=float(hist["time_s"][-1]),
              diverged=at, n_diverged=int((~ok).sum()))
-    nan = float("nan")
-    s.update(grad_gain_median=nan, grad_gain_mean=nan, drift_batch_median=nan, drift_heldout_median=nan,
-             drift_test_median=nan, drift_test_max=nan, failed_fraction=nan, teleport_time_s=nan)
-    if recs:
-        s.update(grad_gain_median=nanstat(np.median, gain(recs, ok)), grad_gain_mean=nanstat(np.mean, gain(recs, ok)),
-                 drift_batch_median=nanstat(np.median, rel_drift(recs, "loss", ok)),
-                 drift_heldout_median=nanstat(np.median, rel_drift(recs, "heldout_loss", ok)),
-                 drift_test_median=nanstat(np.median, rel_drift(recs, "test_loss", ok)),
-                 drift_test_max=nanstat(np.max, rel_drift(recs, "test_loss", ok)),
-                 failed_fraction=float(np.mean([r["failed"] for r in recs])),
-                 teleport_time_s=nanstat(np.mean, [r.get("time_s", nan) for r in recs]))
+    s.update({name: nanstat(f, ratio(recs, ok, key, drift)) if recs else nan
+              for name, (key, drift, f) in TELE_STATS.items()})
+    s.update(failed_fraction=float(np.mean([r["failed"] for r in recs])) if recs else nan,
+             teleport_time_s=nanstat(np.mean, [r.get("time_s", nan) for r in recs]))
     return s
 
 
-def color(arm):
-    return COLORS["baseline" if arm == "none" else arm]
-
-
-def title(res):
-    """A figure's subject: the output tag and the data's label (results saved without a label: the tag)."""
-    return f"{res['tag']} on {res['label']}" if "label" in res else res["tag"]
+def subject(res):
+    """A figure's subject: the output tag, the data's label (where saved), the activation and optimizer."""
+    return f"{res['tag']}{' on ' + res['label'] if 'label' in res else ''}, {res['activation']}, {res['optimizer']}"
 
 
 def log_axis(ax, empty):
@@ -308,20 +261,18 @@ def plot_loss(res, path, dpi):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for arm, r in res["arms"].items():
         h = r["history"]
-        train = np.array(h["train_loss"], dtype=float).T
-        test = np.array([h["test_loss_init"], *h["test_loss"]], dtype=float).T
-        for k, e in enumerate(diverged_at(h)):  # a seed diverged in either curve is cut in both
-            if e is not None:
-                train[k, e - 1:] = test[k, e:] = np.nan
-        plot_mean_std(axes[0], np.arange(1, train.shape[1] + 1), train, arm, color(arm))
-        plot_mean_std(axes[1], np.arange(0, test.shape[1]), test, arm, color(arm))
+        at = diverged_at(h)  # a seed diverged in either curve is cut in both (test: from epoch 0)
+        train = cut_diverged(np.asarray(h["train_loss"], dtype=float).T, at)
+        test = cut_diverged(np.array([h["test_loss_init"], *h["test_loss"]], dtype=float).T, [e and e + 1 for e in at])
+        plot_mean_std(axes[0], np.arange(1, train.shape[1] + 1), train, arm, ARM_COLORS[arm])
+        plot_mean_std(axes[1], np.arange(0, test.shape[1]), test, arm, ARM_COLORS[arm])
     for ax, name in zip(axes, ("training loss (mean over the epoch's batches)", "test loss")):
         log_axis(ax, ALL_DIVERGED)
         for e in res["config"]["TELE_EPOCHS"]:
             ax.axvline(e, color="0.8", linestyle=":", linewidth=1)
         ax.set(xlabel="epoch", ylabel=name)
         ax.legend()
-    fig.suptitle(f"{title(res)}, {res['activation']}, {res['optimizer']} (mean ± std over {len(res['config']['SEEDS'])} "
+    fig.suptitle(f"{subject(res)} (mean ± std over {len(res['config']['SEEDS'])} "
                  f"seeds; dotted: teleport epochs; SGD has no state, so reset-only = none)", fontsize=9)
     save_figure(fig, path, dpi)
 
@@ -333,21 +284,20 @@ def plot_drift(res, path, dpi):
     panels = (("objective", "||grad L||² after / before (teleport batch)"),
               ("loss", "|ΔL| / L on the teleport batch"), ("test_loss", "|ΔL| / L on the test set"))
     for arm, r in res["arms"].items():
-        recs = r["teleports"]
-        if not recs:
+        if not (recs := r["teleports"]):
             continue
         x, ok = np.arange(1, len(recs) + 1), [e is None for e in diverged_at(r["history"])]
         for ax, (key, _) in zip(axes, panels):
-            y = gain(recs, ok) if key == "objective" else np.maximum(rel_drift(recs, key, ok), FLOOR)
-            ax.plot(np.repeat(x, y.shape[1]), y.ravel(), ".", color=color(arm), alpha=0.35, markersize=4)
+            y = ratio(recs, ok, "grad_norm") if key == "objective" else np.maximum(ratio(recs, ok, key, True), FLOOR)
+            ax.plot(np.repeat(x, y.shape[1]), y.ravel(), ".", color=ARM_COLORS[arm], alpha=0.35, markersize=4)
             lost = f" ({len(ok) - sum(ok)} of {len(ok)} diverged, not drawn)" if not all(ok) else ""
-            ax.plot(x, [nanstat(np.median, row) for row in y], "-", color=color(arm), label=arm + lost)
+            ax.plot(x, [nanstat(np.median, row) for row in y], "-", color=ARM_COLORS[arm], label=arm + lost)
     for ax, (key, name) in zip(axes, panels):
         ax.set(xlabel="teleport (epochs " + ", ".join(map(str, res["config"]["TELE_EPOCHS"])) + ")", ylabel=name)
         log_axis(ax, ALL_DIVERGED if ax.lines else "no arm teleports")
         if ax.lines:  # some arm teleported
             ax.legend()
-    fig.suptitle(f"{title(res)}, {res['activation']}, {res['optimizer']}: per teleport, dots = seeds, "
+    fig.suptitle(f"{subject(res)}: per teleport, dots = seeds, "
                  f"line = median; exact 0 drawn at {FLOOR:g}", fontsize=9)
     save_figure(fig, path, dpi)
 
@@ -364,12 +314,11 @@ def table(cfg, all_res):
         for arm, r in res["arms"].items():
             s = summarize(r["history"], r["teleports"], eps)
             bad = sorted(e for e in s["diverged"] if e is not None)
-            rows.append([res["activation"], res["optimizer"], arm] + [s[f"train_{e}"] for e in eps]
-                        + [s[f"test_{e}"] for e in eps]
-                        + [s["test_acc_final"], s["grad_gain_median"], s["drift_batch_median"],
-                           s["drift_test_median"], s["drift_test_max"], 100 * s["failed_fraction"],
-                           s["teleport_time_s"], s["train_time_s"],
-                           f"{len(bad)} of {len(s['diverged'])} (from epoch {bad[0]})" if bad else "0"])
+            rows.append([res["activation"], res["optimizer"], arm, *(s[f"{k}_{e}"] for k in ("train", "test") for e in eps),
+                         *(s[k] for k in ("test_acc_final", "grad_gain_median", "drift_batch_median", "drift_test_median",
+                                          "drift_test_max")),
+                         100 * s["failed_fraction"], s["teleport_time_s"], s["train_time_s"],
+                         f"{len(bad)} of {len(s['diverged'])} (from epoch {bad[0]})" if bad else "0"])
     return header, rows
 
 
@@ -383,11 +332,9 @@ def train_pair(cfg, ckpt, data, act_name, optimizer, tag):
         s = summarize(hist, recs, eps)
         ok = [e is None for e in s["diverged"]]
         res["arms"][arm] = {"history": hist, "teleports": recs, "diverged": s.pop("diverged"), "summary": s}
-        print(format_row({"act": act_name, "opt": optimizer, "arm": arm,
-                          "train": finite_stats(hist["train_loss"][-1], ok)[0],
-                          "test": finite_stats(hist["test_loss"][-1], ok)[0], "gain": s["grad_gain_median"],
-                          "drift_test": s["drift_test_median"], "tele_s": s["teleport_time_s"],
-                          "train_s": s["train_time_s"],
+        last = {k: finite_stats(hist[f"{k}_loss"][-1], ok)[0] for k in ("train", "test")}
+        print(format_row({"act": act_name, "opt": optimizer, "arm": arm, **last, "gain": s["grad_gain_median"],
+                          "drift_test": s["drift_test_median"], "tele_s": s["teleport_time_s"], "train_s": s["train_time_s"],
                           **({"diverged": f"{s['n_diverged']} of {len(ok)}"} if s["n_diverged"] else {})}), flush=True)
     return res
 
@@ -400,11 +347,9 @@ def main(cfg):
         all_res = [load_results(f"{stem}_{a}_{o}.json") for a, o in pairs]
     else:  # saved results of other settings or data are refused (a pair's do not depend on which pairs run)
         outputs = {f"{stem}_{a}_{o}.json": ("ACTIVATIONS", "OPTIMIZERS") for a, o in pairs} | {f"{stem}_table.json": ()}
-        for path, ignore in outputs.items():
-            check_replace(path, saved_config(cfg), ignore)
-        data = load_data(cfg)
-        for path, ignore in outputs.items():
-            check_replace(path, saved_config(cfg), ignore, data=data)
+        check = lambda data=None: [check_replace(p, saved_config(cfg), ig, data=data) for p, ig in outputs.items()]  # noqa: E731
+        check()  # the settings first, then (once loaded) the data too
+        check(data := load_data(cfg))
         ckpt = Checkpoint(cfg, f"teleport_relu_rescaling-{tag}")
         all_res = [train_pair(cfg, ckpt, data, a, o, tag) for a, o in pairs]
     with staged(cfg["OUT_DIR"]) as out:  # the outputs replace the previous set only when all are written
