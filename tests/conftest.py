@@ -23,3 +23,13 @@ def make_weights(widths, K=2, seed=0, dtype=torch.float64):
 def make_batch(B, d_in, classes, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(B, d_in, generator=gen, dtype=dtype), torch.randint(classes, (B,), generator=gen)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module, as the scripts use on a CPU: their small MLPs are
+    launch-bound, and two threads stall each other on busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,14 +29,7 @@ def _files(root):
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the script uses on a CPU: this small MLP is launch-bound, and two
-    threads stall each other on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the script uses on a CPU
 
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):

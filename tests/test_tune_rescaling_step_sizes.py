@@ -9,7 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import lib.progress
 import teleport_relu_rescaling as rescaling
@@ -47,14 +46,7 @@ TINY = ["--quick", "--progress=False", "--seeds=[0]", "--arms=['gl46', 'rescale'
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the script uses on a CPU: this small MLP is launch-bound, and two
-    threads stall each other on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the script uses on a CPU
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
