@@ -243,7 +243,9 @@ def summarize(hist, recs, report_epochs):
 
 def subject(res):
     """A figure's subject: the output tag, the data's label (where saved), the activation and optimizer."""
-    return f"{res['tag']}{' on ' + res['label'] if 'label' in res else ''}, {res['activation']}, {res['optimizer']}"
+    data = res.get("label", res["config"]["DATASET"])
+    variant = res["tag"].removeprefix(res["config"]["DATASET"]).strip("_")
+    return f"{data}{' [' + variant + ']' if variant else ''}, {res['activation']}, {res['optimizer']}"
 
 
 def log_axis(ax, empty):
@@ -258,6 +260,7 @@ def log_axis(ax, empty):
 
 def plot_loss(res, path, dpi):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for arm, r in res["arms"].items():
         h = r["history"]
@@ -271,9 +274,11 @@ def plot_loss(res, path, dpi):
         for e in res["config"]["TELE_EPOCHS"]:
             ax.axvline(e, color="0.8", linestyle=":", linewidth=1)
         ax.set(xlabel="epoch", ylabel=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
+    note = "; SGD has no state, so reset-only = none" if res["optimizer"] == "sgd" else ""
     fig.suptitle(f"{subject(res)} (mean ± std over {len(res['config']['SEEDS'])} "
-                 f"seeds; dotted: teleport epochs; SGD has no state, so reset-only = none)", fontsize=9)
+                 f"seeds; dotted: teleport epochs{note})", fontsize=9)
     save_figure(fig, path, dpi)
 
 
