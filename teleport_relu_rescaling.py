@@ -243,8 +243,8 @@ def summarize(hist, recs, report_epochs):
 
 def subject(res):
     """A figure's subject: the output tag, the data's label (where saved), the activation and optimizer."""
-    data = res.get("label", res["config"]["DATASET"])
-    variant = res["tag"].removeprefix(res["config"]["DATASET"]).strip("_")
+    dataset = res["config"].get("DATASET", "")
+    data, variant = res.get("label", dataset), res["tag"].removeprefix(dataset).strip("_")
     return f"{data}{' [' + variant + ']' if variant else ''}, {res['activation']}, {res['optimizer']}"
 
 
