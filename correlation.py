@@ -5,7 +5,7 @@ psi (eq. 5; exp(tM).w under eq. (54) on all layer pairs), and correlates both wi
 loss: Pearson r, and the partial r given the training loss.
 
     python correlation.py                                   # MNIST, FashionMNIST, CIFAR10 in turn
-    python correlation.py --dataset=MNIST --data-dir=../shared/data/mnist5k   # the committed run
+    python correlation.py --dataset=MNIST                   # the committed run (the bundled MNIST subset)
     python correlation.py --dataset=MNIST --lr=0.05         # any preset value can be overridden
     python correlation.py --skip-training                   # metrics from the saved weights
     python correlation.py --plot-only                       # figures and table from the JSONs

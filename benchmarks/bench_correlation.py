@@ -10,8 +10,8 @@ machine's speed drifts; others share the CPU):
 Both baselines are measured on one model and multiplied by N_MODELS: every model costs the
 same. Also checks that model 0's loss and metrics agree between the two ways.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_correlation.py --data-dir=../shared/data/mnist5k
-    python benchmarks/bench_correlation.py --quick --data-dir=../shared/data/mnist5k   # seconds
+    OMP_NUM_THREADS=1 python benchmarks/bench_correlation.py
+    python benchmarks/bench_correlation.py --quick   # seconds
 
 CPU runtime: a few minutes (2 shared cores).
 
