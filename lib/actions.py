@@ -4,9 +4,19 @@ Layer pairs (U, V) = (W_{m+1}, W_m), m = 0..L-2 (0-based), with input h = h_m, t
 layer m on the teleport batch (column form, `models.hidden_columns`). An action takes one
 Lie-algebra element per acted pair (or per hidden layer for rescaling) and returns new weights.
 
-All pairs are acted on at once, every formula using the activations h_m of the *current*
-weights. Where each action is exact this equals applying the pairs one after another, and the
-new network's hidden layers are h'_{m+1} = sigma(g_m z_m) (eq. 46) or g_m h_{m+1} (eq. 54).
+All pairs are acted on at once, every formula reading the activations h_m of the *current*
+weights. This is exactly (any batch; tested) the pairs applied one after another from the last
+pair to the first: pair m's formulas read only W_0..W_m, which the pairs before it in that order
+(m+1, ...) leave unchanged, and its change to W_{m+1} is a right factor on top of theirs.
+From the first pair to the last, the result is the same for eq. (46) where eq. (46) is exact
+(batch <= every hidden width), but not for eq. (54), even where it is exact (tested): there
+pair m+1 reads h' = g_m h_{m+1} and sets
+    W_{m+1} <- sigma^{-1}(g_{m+1} sigma(z_{m+1})) (g_m h_{m+1})^+,
+where all at once gives sigma^{-1}(g_{m+1} sigma(z_{m+1})) h_{m+1}^+ g_m^{-1}. Where eq. (54) is
+exact (batch <= every input width) both right factors are left inverses of g_m h_{m+1}: both
+orders preserve the loss on the batch, and they differ on inputs off the batch's span (tested).
+Where an action is exact, the new network's hidden layers on the batch are
+h'_{m+1} = sigma(g_m z_m) (eq. 46) or g_m h_{m+1} (eq. 54), z_m = W_m h_m (tested).
 The authors' code instead updates its cached activations to first order; we recompute them.
 """
 import torch

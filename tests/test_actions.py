@@ -115,3 +115,93 @@ def test_unknown_action_names():
         make_action("gl46", group="cayley")
     with pytest.raises(UsageError, match="invertible"):
         Activation(0.0).inverse(torch.ones(1))
+
+
+# --- all pairs at once vs one pair after another (the claims of lib/actions.py's docstring) ---
+def _eq54_pair(W, m, T, X, act):
+    """Eq. (54) on pair m alone, written out here: V <- sigma^{-1}(g sigma(V h)) h^+, U <- U g^{-1},
+    g = I + T, h = h_m of the weights W as they are."""
+    h = X.mT.expand(W[0].shape[0], -1, -1)
+    for w in W[:m]:
+        h = act(w @ h)
+    g = torch.eye(T.shape[-1], dtype=T.dtype) + T
+    new = list(W)
+    new[m] = act.inverse(g @ act(W[m] @ h)) @ torch.linalg.pinv(h)
+    new[m + 1] = W[m + 1] @ torch.linalg.inv(g)
+    return new
+
+
+def _one_after_another(eq, W, Ts, X, act, order):
+    for m in order:
+        W = _eq54_pair(W, m, Ts[m], X, act) if eq == 54 else GLAction(46, pairs=[m])(W, [Ts[m]], X, act)
+    return W
+
+
+def _rel(a, b):
+    return [((x - y).norm() / y.norm()).item() for x, y in zip(a, b)]
+
+
+WIDE = [20, 30, 25, 22, 15, 1]  # the issue's example: every width >= the batch of 12
+
+
+@pytest.mark.parametrize("eq", [46, 54])
+@pytest.mark.parametrize("B", [12, 40])  # 40: neither action is exact
+def test_all_pairs_at_once_is_the_pairs_from_last_to_first(leaky, eq, B):
+    W = make_weights(WIDE, K=2)
+    X, _ = make_batch(B, WIDE[0], 2)
+    X = X - 0.5
+    act = GLAction(eq)
+    Ts = _random_T(act, W, 0.05)
+    at_once = act(W, Ts, X, leaky)
+    backward = _one_after_another(eq, W, Ts, X, leaky, reversed(range(len(W) - 1)))
+    assert max(_rel(at_once, backward)) < 1e-10
+    assert min(_rel(at_once, W)[:-1]) > 1e-2  # every acted layer moved
+
+
+def test_eq46_at_once_equals_first_to_last_where_exact(leaky):
+    W = make_weights(WIDE, K=2)
+    X, _ = make_batch(12, WIDE[0], 2)
+    act = GLAction(46)
+    Ts = _random_T(act, W, 0.05)
+    forward_order = _one_after_another(46, W, Ts, X, leaky, range(len(W) - 1))
+    assert max(_rel(act(W, Ts, X, leaky), forward_order)) < 1e-8
+    X, _ = make_batch(40, WIDE[0], 2)  # not exact: the orders differ
+    assert max(_rel(act(W, Ts, X, leaky), _one_after_another(46, W, Ts, X, leaky, range(len(W) - 1)))) > 1e-4
+
+
+def test_eq54_at_once_differs_from_first_to_last_but_both_keep_the_batch_loss(leaky):
+    W = make_weights(WIDE, K=2)
+    X, _ = make_batch(12, WIDE[0], 2)
+    X = X - 0.5
+    Y = torch.randn(12, 1, dtype=X.dtype, generator=torch.Generator().manual_seed(3))
+    act = GLAction(54)
+    Ts = _random_T(act, W, 0.05)
+    at_once = act(W, Ts, X, leaky)
+    forward_order = _one_after_another(54, W, Ts, X, leaky, range(len(W) - 1))
+    rel = _rel(at_once, forward_order)
+    # the first layer and the last are the same either way; the hidden ones are not
+    assert rel[0] < 1e-10 and rel[-1] < 1e-10 and min(rel[1:-1]) > 1e-2
+    for V in (at_once, forward_order):  # both preserve the outputs (and so the loss) on the batch
+        torch.testing.assert_close(forward(V, X, leaky), forward(W, X, leaky), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(loss_fn(V, X, Y, leaky, "mse"), loss_fn(W, X, Y, leaky, "mse"),
+                                   rtol=1e-9, atol=0)
+    # off the batch's span the two networks differ
+    Xo, _ = make_batch(50, WIDE[0], 2, seed=9)
+    out_a, out_f = forward(at_once, Xo - 0.5, leaky), forward(forward_order, Xo - 0.5, leaky)
+    assert ((out_a - out_f).norm() / out_f.norm()).item() > 1e-2
+
+
+@pytest.mark.parametrize("eq", [46, 54])
+def test_hidden_layers_after_an_exact_action(leaky, eq):
+    # h'_{m+1} = sigma(g_m z_m) (eq. 46), g_m h_{m+1} (eq. 54), on the batch
+    from lib.models import hidden_columns
+    W = make_weights(WIDE, K=2)
+    X, _ = make_batch(12, WIDE[0], 2)
+    X = X - 0.5
+    act = GLAction(eq)
+    Ts = _random_T(act, W, 0.05)
+    hs, hs_new = hidden_columns(W, X, leaky), hidden_columns(act(W, Ts, X, leaky), X, leaky)
+    for m, T in enumerate(Ts):
+        g = torch.eye(T.shape[-1], dtype=T.dtype) + T
+        want = leaky(g @ W[m] @ hs[m]) if eq == 46 else g @ hs[m + 1]
+        torch.testing.assert_close(hs_new[m + 1], want, rtol=1e-8, atol=1e-10)
