@@ -7,6 +7,7 @@ import torch
 from torch.func import jvp
 
 from lib.actions import GLAction
+from lib.config import UsageError
 from lib.models import forward, loss_fn, losses_per_model
 
 
@@ -67,11 +68,9 @@ def random_lie_elements(W, generator=None, pairs=None):
     return Ms
 
 
-def curve_derivatives(W, X, act, Ms, action=None):
-    """gamma'(0) and gamma''(0) of the curve gamma(t) = exp(t M) . w (one M per pair) under
-    `action` (default eq. (54), all pairs), exactly by nested forward-mode autodiff through t.
-    Returns two lists shaped like W."""
-    action = action or GLAction(54, "exp")
+def _jet(W, X, act, Ms, action):
+    """(gamma'(0), gamma''(0)) of gamma(t) = action(W, [t M for M in Ms]) by nested forward-mode
+    autodiff through t: two lists shaped like W."""
     t0 = torch.zeros((), dtype=W[0].dtype, device=W[0].device)
     one = torch.ones_like(t0)
 
@@ -85,6 +84,27 @@ def curve_derivatives(W, X, act, Ms, action=None):
     return list(d1), list(d2)
 
 
+def curve_derivatives(W, X, act, Ms, action=None, convention="exact"):
+    """gamma'(0) and gamma''(0) of the curve gamma(t) = exp(t M) . w (one M per pair) under
+    `action` (default eq. (54), all pairs). Returns two lists shaped like W.
+
+    convention='exact': the derivatives of the actual curve, all pairs acted on at once (eq. 5
+    with eq. 54), by nested forward-mode autodiff through t.
+    convention='authors': as the authors' code computes Table 1's psi, pair by pair: the sum over
+    pairs p of the derivatives of the curve with only M_p nonzero. A hidden layer is the V of
+    pair m and the U of pair m-1, W_m(t) = A(t) B(t) with B(t) = exp(-t M_{m-1}) (eq. 54), so
+    (AB)'' = A''B + 2A'B' + AB''; the pair sum keeps A'' and AB'' and drops the cross term
+    2A'B' = -2 V'_m M_{m-1} (V' of eq. 57). gamma' is the same in both (linear in the M's)."""
+    action = action or GLAction(54, "exp")
+    if convention == "exact":
+        return _jet(W, X, act, Ms, action)
+    if convention != "authors":
+        raise UsageError(f"unknown psi convention {convention!r}; known: exact, authors")
+    parts = [_jet(W, X, act, [M if q == p else torch.zeros_like(M) for q, M in enumerate(Ms)], action)
+             for p in range(len(Ms))]
+    return [[sum(layer) for layer in zip(*(part[i] for part in parts))] for i in (0, 1)]
+
+
 def kappa(d1, d2):
     """Curvature of a curve from gamma' and gamma'' (lists of (K, ...)), eq. (47):
     kappa = sqrt(|g'|^2 |g''|^2 - (g'.g'')^2) / |g'|^3, per model (K,)."""
@@ -94,14 +114,16 @@ def kappa(d1, d2):
     return (n1 * n2 - dot.pow(2)).clamp_min(0).sqrt() / n1.pow(1.5)
 
 
-def curvature(W, X, act, Ms, action=None):
-    """kappa(gamma_M, w) at t = 0 for one set of Lie-algebra elements Ms, (K,)."""
-    return kappa(*curve_derivatives(W, X, act, Ms, action))
+def curvature(W, X, act, Ms, action=None, convention="exact"):
+    """kappa(gamma_M, w) at t = 0 for one set of Lie-algebra elements Ms, (K,); convention:
+    see `curve_derivatives`."""
+    return kappa(*curve_derivatives(W, X, act, Ms, action, convention))
 
 
-def psi(W, X, act, Ms_draws, action=None):
-    """psi(w, k), eq. (5): mean curvature over k draws of Lie-algebra elements, (K,)."""
-    return torch.stack([curvature(W, X, act, Ms, action) for Ms in Ms_draws]).mean(0)
+def psi(W, X, act, Ms_draws, action=None, convention="exact"):
+    """psi(w, k), eq. (5): mean curvature over k draws of Lie-algebra elements, (K,);
+    convention 'exact' or 'authors' (see `curve_derivatives`)."""
+    return torch.stack([curvature(W, X, act, Ms, action, convention) for Ms in Ms_draws]).mean(0)
 
 
 def curve_derivatives_closed_form(U, V, h, act, M):
