@@ -8,14 +8,15 @@ from conftest import make_batch, make_weights
 from lib.actions import GLAction
 from lib.metrics import (curvature, curve_derivatives, curve_derivatives_closed_form, grad_norm_sq,
                          kappa, psi, random_directions, random_lie_elements, sharpness)
-from lib.models import hidden_columns, loss_fn
+from lib.models import Activation, hidden_columns, loss_fn
 
 
 @pytest.mark.parametrize("r", [0.1, 1.0, 7.5])
 def test_kappa_of_circle_is_one_over_radius(r):
     t = torch.tensor([0.0, 0.4, 2.0], dtype=torch.float64)
-    d1 = [torch.stack([-r * torch.sin(t), r * torch.cos(t)], 1)]
-    d2 = [torch.stack([-r * torch.cos(t), -r * torch.sin(t)], 1)]
+    # three points of the circle as three "models", each a (1, 2) "layer"
+    d1 = [torch.stack([-r * torch.sin(t), r * torch.cos(t)], 1).unsqueeze(1)]
+    d2 = [torch.stack([-r * torch.cos(t), -r * torch.sin(t)], 1).unsqueeze(1)]
     assert torch.allclose(kappa(d1, d2), torch.full((3,), 1 / r, dtype=torch.float64))
 
 
@@ -74,20 +75,63 @@ def test_directions_have_unit_norm(kind):
         assert all((d >= 0).all() for d in D)
 
 
+def _linear_problem(K=2, n_in=5, n_out=3, B=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, n_in, generator=g, dtype=torch.float64)
+    Y = torch.randn(B, n_out, generator=g, dtype=torch.float64)
+    W = torch.randn(K, n_out, n_in, generator=g, dtype=torch.float64)
+    return W, X, Y
+
+
 def test_sharpness_of_quadratic_matches_closed_form():
-    # L(w) = 0.5 w^T H w on a linear "network" of one layer: phi = L(w) + t^2 tr(H) / (2 n) on average
-    n, gen = 6, torch.Generator().manual_seed(0)
-    A = torch.randn(n, n, generator=gen, dtype=torch.float64)
-    H = A @ A.T
-    w = torch.randn(1, 1, n, generator=gen, dtype=torch.float64)
-    L = lambda v: 0.5 * torch.einsum("...i,ij,...j->...", v, H, v)  # noqa: E731
-    ts = torch.linspace(0.1, 1.0, 10, dtype=torch.float64)
-    draws = 4000
-    D = random_directions([w], draws * len(ts), "sphere", gen)[0]  # (draws*10, 1, n)
-    phi = L(w + ts.repeat(draws).view(-1, 1, 1) * D).mean()
-    expected = L(w).squeeze() + (ts ** 2).mean() * torch.trace(H) / (2 * n)
-    se = L(w + ts.repeat(draws).view(-1, 1, 1) * D).std() / math.sqrt(draws * len(ts))
-    assert abs(phi - expected) < 4 * se
+    """A linear model with squared loss, L(W) = 0.5 ||Y - X W^T||^2, is a quadratic in W with
+    gradient G = (X W^T - Y)^T X and Hessian H = I (x) X^T X, so along each direction d (unit norm)
+    L(W + t d) = L(W) + t <G, d> + t^2/2 ||X d^T||^2 exactly, and phi (eq. 4) is the mean of that
+    over the pairs (t_i, d_i). Averaged over sphere directions, E[d^T H d] = tr(H) / n,
+    tr(H) = n_out ||X||^2: phi = L + t^2 tr(H) / (2n) in expectation (the linear term averages out)."""
+    W, X, Y = _linear_problem()
+    K, n_out, n_in = W.shape
+    ts = torch.linspace(0.1, 2.0, 8, dtype=torch.float64)
+    D = random_directions([W], 8, "sphere", torch.Generator().manual_seed(1))[0]  # (8, n_out, n_in)
+    ident = Activation(1.0)  # unused by a one-layer model
+    got = sharpness([W], X, Y, ident, ts, [D], loss="mse")
+    L = 0.5 * (Y - X @ W.mT).pow(2).sum((1, 2))  # (K,)
+    G = (X @ W.mT - Y).mT @ X  # (K, n_out, n_in)
+    lin = torch.einsum("koi,noi->nk", G, D)  # <G, d_i> per direction and model
+    quad = (X @ D.mT).pow(2).sum((1, 2))  # d_i^T H d_i, (n,)
+    want = (L + ts.view(-1, 1) * lin + ts.view(-1, 1) ** 2 / 2 * quad.view(-1, 1)).mean(0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (got - L).abs().min() > 1e-2  # the displacements do move the loss
+    # the expectation over sphere directions: mean of d^T H d over many directions vs tr(H) / n
+    many = random_directions([W], 4000, "sphere", torch.Generator().manual_seed(2))[0]
+    q = (X @ many.mT).pow(2).sum((1, 2))
+    trace_over_n = n_out * X.pow(2).sum() / (n_out * n_in)
+    assert abs(q.mean() - trace_over_n) < 4 * q.std() / math.sqrt(len(q))
+
+
+def test_sharpness_of_a_two_layer_linear_network_equals_the_plain_computation():
+    """phi through the shared-first-layer path (shared X and directions, more than one layer)
+    against L(W + t d) computed with plain matmuls per direction and model; with directions only
+    in the first layer the loss is quadratic in t: L + t <G_1, d_1> + t^2/2 ||X d_1^T W_2^T||^2."""
+    W1, X, _ = _linear_problem(n_out=4)
+    g = torch.Generator().manual_seed(5)
+    W2, Y = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 3, 4), (9, 3)))
+    ident = Activation(1.0)  # LeakyReLU with slope 1: the identity, so the network is linear
+    ts = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
+    D = random_directions([W1, W2], 3, "sphere", torch.Generator().manual_seed(1))
+    got = sharpness([W1, W2], X, Y, ident, ts, D, loss="mse")
+    plain = torch.stack([torch.stack([0.5 * (Y - X @ (W1[k] + t * D[0][i]).T @ (W2[k] + t * D[1][i]).T).pow(2).sum()
+                                      for k in range(2)]) for i, t in enumerate(ts)]).mean(0)
+    torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
+    first = [D[0], torch.zeros_like(D[1])]
+    got = sharpness([W1, W2], X, Y, ident, ts, first, loss="mse")
+    R = X @ W1.mT @ W2.mT - Y  # (K, B, 3)
+    L = 0.5 * R.pow(2).sum((1, 2))
+    G1 = (R @ W2).mT @ X  # dL/dW1, (K, 4, n_in)
+    lin = torch.einsum("koi,noi->nk", G1, D[0])
+    quad = torch.einsum("bi,noi,kpo->nkbp", X, D[0], W2).pow(2).sum((2, 3))  # ||X d^T W2^T||^2, (n, K)
+    want = (L + ts.view(-1, 1) * lin + ts.view(-1, 1) ** 2 / 2 * quad).mean(0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_sharpness_at_zero_displacement_is_the_loss_and_grows_with_t(leaky):
