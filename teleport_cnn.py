@@ -11,8 +11,13 @@ Flatten-Linear(400,10), 5,258 weights, PyTorch's default init with seed SEED_BAS
 batches of 64 in an order reshuffled every epoch (seeded, the same for every run and arm), 10 epochs,
 5 seeds; SGD with momentum 0.9 at lr 0.02 and Adam at 1e-3 (standard values, our choice, the same for
 every arm). The teleport arm runs teleport_module before the first 2 batches of epochs 0, 1 and 2 on
-200 fresh training images: TELE_STEPS ascent steps on ||grad L||^2 over the positive rescaling of every
-hidden channel (group="rescale": exact on every input), optimizer state reset. Controls at the same
+200 fresh training images: 10 steps of gradient ascent, step 0.1, on log ||grad L||^2 over the positive
+rescaling of every hidden channel (group="rescale", 8 + 16 channels: exact on every input), optimizer
+state reset. Ascent on the log raises ||grad L||^2 along the same direction with a step divided by
+||grad L||^2, which varies 70-fold between the moments (0.08 at the init, up to 5.7 after an epoch):
+plain ascent barely moved it at step 0.01 (x1.00-1.06 at most moments) and overflowed at 0.1 (x1e3-4e6
+at epoch-1 moments); on the log, step 0.1 gives x1.2-2.8 at every moment, 0.3 up to x1400 (one-off
+sweep, 2 seeds; --tele-objective=grad_norm --tele-lr=0.01 runs the plain ascent). Controls at the same
 moments: reset-only (the reset, no move) and random-teleport (random_teleport_module with the `size`
 of the teleport of the same seed and moment, state reset). Wall time: training steps and arm moments
 (teleport, reset), evaluation excluded; a teleport's cost in optimizer steps is its wall time over the
@@ -60,8 +65,8 @@ SPLIT_SEED = 0                  # seed of that subset
 LR = None                       # base learning rate, > 0; None: the optimizer's preset
 TELE_LR = None                  # teleport step size, >= 0; None: the optimizer's preset
 TELE_STEPS = 10                 # gradient-ascent steps per teleport
-TELE_OBJECTIVE = "grad_norm"    # what the teleport maximises: grad_norm (||grad L||^2) or another objective
-                                # teleport_module knows
+TELE_OBJECTIVE = "log_grad_norm"  # ascent on log ||grad L||^2 (raises ||grad L||^2, scale-free step), or grad_norm
+                                  # (ascent on ||grad L||^2 itself), or another objective teleport_module knows
 TELE_EPOCHS = [0, 1, 2]         # 0-based epochs with teleport moments, each < EPOCHS
 TELE_BATCHES = 2                # a moment before each of the first TELE_BATCHES mini-batches of those epochs
 TELE_BATCH_SIZE = 200           # fresh random training images per teleport (as many again for the held-out drift)
@@ -78,11 +83,11 @@ REPLACE = False                 # True: replace saved results made with other se
 
 # our choices (no CNN protocol in the paper): standard learning rates; teleport step sizes tuned once
 # so that ||grad L||^2 grows by a visible factor without blowing up (see the docstring)
-PRESETS = {"OPTIMIZER": {"momentum": {"LR": 2e-2, "TELE_LR": 1e-2},
-                         "adam": {"LR": 1e-3, "TELE_LR": 1e-2},
-                         "sgd": {"LR": 5e-2, "TELE_LR": 1e-2},
-                         "adagrad": {"LR": 1e-2, "TELE_LR": 1e-2},
-                         "rmsprop": {"LR": 1e-3, "TELE_LR": 1e-2}}}
+PRESETS = {"OPTIMIZER": {"momentum": {"LR": 2e-2, "TELE_LR": 0.1},
+                         "adam": {"LR": 1e-3, "TELE_LR": 0.1},
+                         "sgd": {"LR": 5e-2, "TELE_LR": 0.1},
+                         "adagrad": {"LR": 1e-2, "TELE_LR": 0.1},
+                         "rmsprop": {"LR": 1e-3, "TELE_LR": 0.1}}}
 QUICK_SETTINGS = {"EPOCHS": 2, "N_RUNS": 2, "TRAIN_SIZE": 256, "TELE_EPOCHS": [0, 1], "TELE_BATCHES": 1,
                   "TELE_BATCH_SIZE": 32, "TELE_STEPS": 3, "REPORT_EPOCHS": [1, 2], "PROGRESS": False}
 ARM_NAMES = ["baseline", "teleport", "reset-only", "random-teleport"]
@@ -251,12 +256,18 @@ def run_optimizer(cfg, data, optimizer, names, ckpt):
         row = {"opt": optimizer, "arm": f"{name:>15}", "time_s": float(np.mean(h["time_s"][-1]))}
         row.update({f"train@{e}": finite_stats(h["train_loss"][e - 1], ok)[0]
                     for e in cfg["REPORT_EPOCHS"] if e <= cfg["EPOCHS"]})
-        ratios = [m["objective_after"] / m["objective_before"] for rs in h["teleports"] for m in rs
-                  if m.get("objective_before")]
+        ratios = [grad_norm_ratio(m) for rs in h["teleports"] for m in rs if "objective_before" in m]
         if ratios:
             row["|g|^2 x (median)"] = float(np.median(ratios))
         print(format_row(row))
     return out
+
+
+def grad_norm_ratio(m):
+    """||grad L||^2 after / before of a teleport record (its objective: ||grad L||^2 or its log)."""
+    if m["objective"] == "log_grad_norm":
+        return float(np.exp(m["objective_after"] - m["objective_before"]))
+    return m["objective_after"] / m["objective_before"] if m["objective"] == "grad_norm" else float("nan")
 
 
 def runs_diverged(h):
@@ -290,7 +301,7 @@ def teleport_stats(res):
     cost in optimizer steps; and the median step time."""
     recs = [m for rs in res["teleport"]["teleports"] for m in rs]
     f = lambda k: np.asarray([m.get(k, np.nan) for m in recs], float)  # noqa: E731
-    values = {"objective_ratio": f("objective_after") / f("objective_before"),
+    values = {"grad_norm_ratio": np.asarray([grad_norm_ratio(m) for m in recs], float),
               "loss_drift": np.abs(f("loss_after") - f("loss_before")),
               "heldout_loss_drift": np.abs(f("heldout_loss_after") - f("heldout_loss_before")),
               "size": f("size"), "wall_s": f("wall_s"), "cost_steps": f("cost_steps")}
@@ -332,8 +343,8 @@ def summary(cfg, results):
             md += ["Teleport minus each arm, same seed (train / test; negative: teleport lower):\n",
                    markdown_table(["difference"] + [f"epoch {e}" for e in rep], prow), ""]
             t = o["teleport"] = teleport_stats(res)
-            md += [f"Teleports ({t['n']}): ||grad L||^2 after/before median {t['objective_ratio']['median']:.3g} "
-                   f"(range {t['objective_ratio']['min']:.3g}-{t['objective_ratio']['max']:.3g}); loss drift on the "
+            md += [f"Teleports ({t['n']}): ||grad L||^2 after/before median {t['grad_norm_ratio']['median']:.3g} "
+                   f"(range {t['grad_norm_ratio']['min']:.3g}-{t['grad_norm_ratio']['max']:.3g}); loss drift on the "
                    f"teleport batch median {t['loss_drift']['median']:.2g} (max {t['loss_drift']['max']:.2g}), held out "
                    f"{t['heldout_loss_drift']['median']:.2g} (max {t['heldout_loss_drift']['max']:.2g}); size median "
                    f"{t['size']['median']:.3g}; one teleport takes {t['wall_s']['median'] * 1e3:.1f} ms (median) = "

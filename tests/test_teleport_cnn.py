@@ -76,7 +76,8 @@ def test_outputs_and_every_recorded_field(quick_run):
                 assert m["group"] == "rescale" and m["state"] == "reset" and m["wall_s"] >= m["time_s"]
             if arm == "teleport":
                 assert np.isfinite(m["objective_before"]) and np.isfinite(m["objective_after"])
-                assert m["objective"] == "grad_norm" and m["steps"] == 2
+                assert m["objective"] == "log_grad_norm" and m["steps"] == 2 and m["lr"] == res["config"]["TELE_LR"]
+                assert m["maximize"] is True and m["units"] == 8 + 16 and m["notices"] == []
     summ = json.loads((out / "results" / "cnn" / "MNIST_summary.json").read_text())
     md = (out / "results" / "cnn" / "MNIST_summary.md").read_text()
     assert summ["config"]["N_RUNS"] == R and summ["environment"]["torch"] == torch.__version__
@@ -90,10 +91,10 @@ def test_outputs_and_every_recorded_field(quick_run):
         diff = np.subtract(arms["teleport"]["test_loss"][1], arms["reset-only"]["test_loss"][1])
         assert s["paired"]["reset-only"]["test_loss"]["2"] == pytest.approx([diff.mean(), diff.std(), R])
         t = s["teleport"]
-        assert t["n"] == 2 * R and set(t) >= {"objective_ratio", "loss_drift", "heldout_loss_drift", "size", "wall_s",
+        assert t["n"] == 2 * R and set(t) >= {"grad_norm_ratio", "loss_drift", "heldout_loss_drift", "size", "wall_s",
                                                "cost_steps", "step_median_s", "notices"}
         recs = [m for rs in arms["teleport"]["teleports"] for m in rs]
-        assert t["objective_ratio"]["median"] == pytest.approx(np.median([m["objective_after"] / m["objective_before"]
+        assert t["grad_norm_ratio"]["median"] == pytest.approx(np.median([np.exp(m["objective_after"] - m["objective_before"])
                                                                           for m in recs]))
         assert t["size"]["max"] == max(m["size"] for m in recs) and isinstance(t["notices"], list)
         costs = [m["cost_steps"] for m in recs]
@@ -162,7 +163,7 @@ def test_lr_and_teleport_settings_reach_the_run(tmp_path, monkeypatch):
     res = _saved(tmp_path / "out", "adam")
     assert lrs == [0.05] * 3 and res["config"]["LR"] == 0.05 and res["config"]["TELE_LR"] == 0.003
     assert [(k["lr"], k["steps"], k["objective"], k["group"], k["state"]) for k in calls] == [
-        (0.003, 3, "grad_norm", "rescale", "reset")] * 3  # the untimed warm-up's and the arm's two
+        (0.003, 3, "log_grad_norm", "rescale", "reset")] * 3  # the untimed warm-up's and the arm's two
     assert res["arms"]["teleport"]["teleports"][0][0]["steps"] == 3
 
 
