@@ -131,3 +131,174 @@ def test_train_epoch_uses_every_example_including_a_last_partial_batch(n):
         torch.testing.assert_close(w.detach(), v.detach(), rtol=1e-12, atol=1e-14)
     # the epoch's mean loss is accumulated in float32 whatever the weights' dtype
     torch.testing.assert_close(mean.double(), torch.stack(losses).mean(0), rtol=1e-6, atol=0)
+
+
+# --- lib.teleport.teleport: Algorithm 1's inner loop by hand, and every field of its record -------
+def _ascent_by_hand(W, X, Y, action, lr, steps):
+    """W_{s+1} = (I + lr dF/dT).W_s with F(T) = ||grad L(action(W_s, T))||^2 differentiated by
+    autograd through lib.actions (pseudo-inverse included); returns the weights and the product
+    of the group elements per pair."""
+    from lib.metrics import grad_norm_sq
+    G = None
+    for _ in range(steps):
+        Ts = [torch.zeros(s, dtype=W[0].dtype, requires_grad=True) for s in action.algebra_shapes(W)]
+        moved = [w if w.requires_grad else w.requires_grad_() for w in action(W, Ts, X, ACT)]
+        grads = torch.autograd.grad(grad_norm_sq(moved, X, Y, ACT).sum(), Ts)
+        step = [lr * g for g in grads]
+        W = [w.detach() for w in action(W, step, X, ACT)]
+        gs = [torch.eye(s.shape[-1], dtype=W[0].dtype) + s for s in step]
+        G = gs if G is None else [g @ h for g, h in zip(gs, G)]
+    return W, G
+
+
+def test_teleport_is_gradient_ascent_on_the_algebra_and_records_what_it_did():
+    """Two steps of teleport() (eq. 46, all pairs, batch 30 >= every width, as the paper's
+    protocols) against the same two steps by hand; the record's every field recomputed."""
+    from lib.metrics import grad_norm_sq
+    from lib.teleport import make_objective, teleport
+    W = make_weights([6, 5, 4, 3], K=2)
+    X, Y = make_batch(30, 6, 3)
+    Xh, Yh = make_batch(20, 6, 3, seed=8)
+    action, lr = GLAction(46), 0.05
+    W2, rec, _ = teleport(W, X, Y, ACT, make_objective("grad_norm", ACT), action, steps=2, lr=lr, heldout=(Xh, Yh))
+    Wh, G = _ascent_by_hand(W, X, Y, action, lr, 2)
+    for a, b in zip(W2, Wh):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert min(((a - b).norm() / b.norm()).item() for a, b in zip(W2, W)) > 1e-4  # it moved
+    value = lambda V: grad_norm_sq([v.clone().requires_grad_() for v in V], X, Y, ACT).detach()  # noqa: E731
+    want = {"objective_before": value(W), "objective_after": value(Wh),
+            "loss_before": loss_fn(W, X, Y, ACT), "loss_after": loss_fn(Wh, X, Y, ACT),
+            "heldout_loss_before": loss_fn(W, Xh, Yh, ACT), "heldout_loss_after": loss_fn(Wh, Xh, Yh, ACT),
+            "algebra_norm": torch.stack([(g - torch.eye(g.shape[-1], dtype=g.dtype)).flatten(1).norm(dim=1)
+                                         for g in G], 1),
+            "steps": torch.tensor([2.0, 2.0], dtype=torch.float64)}
+    assert set(rec) == set(want) | {"time_s"} and rec["time_s"] > 0
+    for k, v in want.items():
+        torch.testing.assert_close(torch.tensor(rec[k], dtype=torch.float64), v, rtol=1e-7, atol=1e-12, msg=k)
+    assert rec["objective_after"][0] > rec["objective_before"][0]
+    # maximize=False descends: the first step is the opposite one
+    W3, rec, _ = teleport(W, X, Y, ACT, make_objective("grad_norm", ACT), action, steps=1, lr=lr, maximize=False)
+    Wd, _ = _ascent_by_hand(W, X, Y, action, -lr, 1)
+    for a, b in zip(W3, Wd):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_teleport_with_rescaling_accumulates_the_algebra_element():
+    """Rescaling composes additively: after several steps algebra_norm = ||sum_s a_s|| per hidden
+    layer, which the weights give back: a = log(W_m' / W_m) row by row (first layer)."""
+    from lib.teleport import make_objective, teleport
+    W = make_weights([6, 5, 4, 3], K=2)
+    X, Y = make_batch(30, 6, 3)
+    W2, rec, _ = teleport(W, X, Y, ACT, make_objective("grad_norm", ACT), RescaleAction(), steps=3, lr=0.5)
+    a0 = (W2[0][:, :, 0] / W[0][:, :, 0]).log()
+    torch.testing.assert_close(torch.tensor(rec["algebra_norm"], dtype=torch.float64)[:, 0], a0.norm(dim=1),
+                               rtol=1e-9, atol=0)
+    assert rec["steps"] == [3.0, 3.0] and a0.norm(dim=1).min() > 1e-3
+
+
+# --- lib.teleport.make_objective: each objective is the metric it names --------------------------
+def test_objectives_are_the_metrics_they_name():
+    from lib.metrics import curvature, grad_norm_sq, random_directions, random_lie_elements, sharpness
+    from lib.teleport import make_objective
+    W = [w.requires_grad_() for w in make_weights([6, 5, 4, 3], K=2)]
+    X, Y = make_batch(4, 6, 3)
+    A = [torch.rand(w.shape, generator=gen(k), dtype=w.dtype) for k, w in enumerate(W)]
+    torch.testing.assert_close(make_objective("a_norm", ACT, precond=A)(W, X, Y), grad_norm_sq(W, X, Y, ACT, precond=A))
+    ts = [0.1, 0.5, 1.0]
+    got = make_objective("sharpness", ACT, ts=ts, generator=gen(3))(W, X, Y)
+    torch.testing.assert_close(got, sharpness(W, X, Y, ACT, ts, random_directions(W, 3, "sphere", gen(3))))
+    got = make_objective("curvature", ACT, generator=gen(4), n_curves=2)(W, X, Y)
+    g = gen(4)
+    want = (curvature(W, X, ACT, random_lie_elements(W, g)) + curvature(W, X, ACT, random_lie_elements(W, g))) / 2
+    torch.testing.assert_close(got, want)
+    from lib.config import UsageError
+    with pytest.raises(UsageError, match="preconditioner"):
+        make_objective("a_norm", ACT)
+
+
+# --- lib.actions.group_element ------------------------------------------------------------------
+def test_group_element_known_answers():
+    from lib.config import UsageError
+    theta = 0.7
+    T = torch.tensor([[[0.0, -theta], [theta, 0.0]]], dtype=torch.float64)  # so(2): exp is a rotation
+    g, g_inv = group_element(T, "exp")
+    rot = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
+    torch.testing.assert_close(g[0], rot, rtol=0, atol=1e-14)
+    torch.testing.assert_close(g_inv[0], rot.T, rtol=0, atol=1e-14)
+    g, g_inv = group_element(T, "first_order")
+    torch.testing.assert_close(g[0], torch.eye(2, dtype=torch.float64) + T[0])
+    torch.testing.assert_close(g_inv[0], torch.eye(2, dtype=torch.float64) / (1 + theta ** 2) - T[0] / (1 + theta ** 2))
+    with pytest.raises(UsageError, match="first_order, exp"):
+        group_element(T, "cayley")
+
+
+# --- lib.models: forward, hidden_columns, losses, evaluate, init_mlp, activations ---------------
+@pytest.mark.parametrize("shared", [True, False])
+def test_forward_and_hidden_columns_equal_a_plain_loop_per_model(shared):
+    W = make_weights([5, 4, 3, 2], K=3)
+    X, _ = make_batch(7, 5, 2)
+    X = X - 0.5
+    Xk = X.expand(3, -1, -1) if shared else X + 0.1 * torch.randn(3, 7, 5, generator=gen(1), dtype=X.dtype)
+    out, hs = forward(W, X if shared else Xk, ACT), hidden_columns(W, X if shared else Xk, ACT)
+    for k in range(3):
+        h = Xk[k]
+        for j, w in enumerate(W):
+            if j < len(hs):  # hs = [X^T, h_1, ..., h_{L-1}] in columns
+                torch.testing.assert_close(hs[j][k], h.T, rtol=1e-14, atol=1e-15)
+            z = h @ w[k].T
+            h = torch.where(z > 0, z, 0.1 * z) if j < len(W) - 1 else z
+        torch.testing.assert_close(out[k], h, rtol=1e-13, atol=1e-14)
+
+
+def test_losses_per_model_known_answers():
+    out = torch.zeros(2, 4, 5, dtype=torch.float64)  # uniform logits: cross-entropy log 5
+    torch.testing.assert_close(losses_per_model(out, torch.tensor([0, 1, 2, 3]), "ce"),
+                               torch.full((2,), math.log(5), dtype=torch.float64))
+    out = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]], dtype=torch.float64)
+    torch.testing.assert_close(losses_per_model(out, torch.tensor([0]), "ce"),
+                               torch.tensor([math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))], dtype=torch.float64))
+    Y = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    torch.testing.assert_close(losses_per_model(out, Y, "mse"), torch.tensor([0.5 * (1 + 1), 0.5 * (1 + 9)],
+                                                                             dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_evaluate_over_chunks_is_the_loss_over_the_whole_set(loss):
+    """25 examples in chunks of 7 (a last partial chunk): the mean cross-entropy (sum for mse)
+    over the whole set, and the accuracy counted by hand."""
+    W = make_weights([5, 4, 3], K=2)
+    X, labels = make_batch(25, 5, 3)
+    Y = labels if loss == "ce" else torch.randn(25, 3, generator=gen(2), dtype=X.dtype)
+    got, acc = evaluate(W, X, Y, ACT, loss, chunk=7)
+    torch.testing.assert_close(got.double(), loss_fn(W, X, Y, ACT, loss), rtol=1e-6, atol=0)
+    if loss == "ce":
+        want = 100 * (forward(W, X, ACT).argmax(-1) == labels).double().mean(1)
+        torch.testing.assert_close(acc.double(), want)
+    else:
+        assert acc.isnan().all()
+
+
+def test_init_mlp_is_torch_linear_s_range_and_batched_equals_separate():
+    from lib.models import init_mlp
+    W = init_mlp([400, 30, 2], [7, 8])
+    alone = init_mlp([400, 30, 2], [8])
+    for w, a in zip(W, alone):
+        assert torch.equal(w[1], a[0]) and not torch.equal(w[0], w[1])
+    for w, fan_in in zip(W, (400, 30)):
+        bound = 1 / math.sqrt(fan_in)
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert abs(W[0].std().item() * math.sqrt(3) * math.sqrt(400) - 1) < 0.02  # uniform(-b, b): std b / sqrt(3)
+    assert W[0].dtype == torch.float32 and init_mlp([3, 2], [0], dtype=torch.float64)[0].dtype == torch.float64
+
+
+def test_activation_by_name_inverse_and_derivative():
+    from lib.config import UsageError
+    from lib.models import activation
+    assert activation("leaky_relu").slope == 0.1 and activation("relu").slope == 0.0
+    with pytest.raises(UsageError, match="leaky_relu, relu"):
+        activation("tanh")
+    x = torch.tensor([-2.0, -0.5, 0.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(ACT(x), torch.tensor([-0.2, -0.05, 0.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(ACT.inverse(ACT(x)), x)
+    torch.testing.assert_close(ACT.derivative(x), torch.tensor([0.1, 0.1, 0.1, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(Activation(0.0)(x), torch.tensor([0.0, 0.0, 0.0, 3.0], dtype=torch.float64))
