@@ -67,6 +67,9 @@ ETA_PARAM = "clamp"          # LSTM(lr,tele) step: 'clamp' (authors': clamp(out,
                              # 'sigmoid' (lo + (hi - lo) sigmoid(out): same range, never a zero gradient)
 INVERSE = "exact"            # W2 <- W2 g^-1: 'exact' (torch.linalg.inv of g = I + T) or 'neumann' (first-
                              # order Neumann series (I + T)^-1 ~ I - T, the authors' code: W2 (I - T))
+BACKPROP = "manual"          # meta-gradient: 'manual' (_meta.Unroll: back-propagation through the unroll
+                             # written out, fused Adam; ~6x faster) or 'autograd' (torch autograd through
+                             # _meta.update, the reference); the same algorithm, equal to rounding
 TRAIN_SEED = 10000           # training trajectory i draws from seed TRAIN_SEED + i
 TEST_SEED = 0                # test trajectory i draws from seed TEST_SEED + i (must not overlap)
 INIT_SEED = 0                # torch seed for the LSTMs' initial weights
@@ -106,7 +109,7 @@ def check(cfg):
     for name in ("T_NORM", "CHECKPOINT_S"):
         check_positive(name, cfg[name])
     for name, choices in (("INVERSE", ("exact", "neumann")), ("ETA_PARAM", ("clamp", "sigmoid")),
-                          ("DTYPE", ("float32", "float64"))):
+                          ("DTYPE", ("float32", "float64")), ("BACKPROP", ("manual", "autograd"))):
         check_choice(name, cfg[name], choices)
     for m in cfg["RETRAIN"]:
         check_choice("method in RETRAIN", m, N_TRAIN)
@@ -121,9 +124,9 @@ def check(cfg):
 
 
 def check_protocol(path, cfg):
-    """lib.io.check_replace; TEST_ONLY and RETRAIN are not other settings: they recompute the
-    same protocol."""
-    check_replace(path, cfg, ignore=("TEST_ONLY", "RETRAIN"))
+    """lib.io.check_replace; TEST_ONLY, RETRAIN and BACKPROP are not other settings: they
+    recompute the same protocol (BACKPROP: the same meta-gradient, another way)."""
+    check_replace(path, cfg, ignore=("TEST_ONLY", "RETRAIN", "BACKPROP"))
 
 
 # The problem and the methods
