@@ -58,6 +58,19 @@ def test_adagrad_preconditioner_is_the_step_torch_adagrad_takes():
         torch.testing.assert_close((a * w.grad)[big], w.grad.sign()[big], rtol=0, atol=1e-4)
 
 
+def test_adagrad_preconditioner_of_the_batched_optimizer():
+    """Where lib.optim has a batched optimizer (make_optimizer(..., batched=True)), A must be read
+    from it too: the step it takes is lr * A * g to 1e-3 wherever |g| > 1e-6."""
+    import inspect
+    if "batched" not in inspect.signature(make_optimizer).parameters:
+        pytest.skip("lib.optim has no batched optimizer")
+    W = [w.requires_grad_() for w in make_weights([6, 5, 3], K=2)]
+    X, Y = make_batch(20, 6, 3)
+    for taken, want, g in _adagrad_steps(make_optimizer("adagrad", W, 0.1, batched=True), W, X, Y, 0.1):
+        big = g.abs() > 1e-6
+        torch.testing.assert_close(taken[big], want[big], rtol=1e-3, atol=0)
+
+
 # --- the held-out loss drift of a teleport (lib.teleport, lib.arms) ---------------------------
 def test_heldout_drift_is_measured_on_the_heldout_batch():
     """Eq. (46) on a batch of 8 <= every hidden width is exact on that batch but not on another
@@ -302,3 +315,154 @@ def test_activation_by_name_inverse_and_derivative():
     torch.testing.assert_close(ACT.inverse(ACT(x)), x)
     torch.testing.assert_close(ACT.derivative(x), torch.tensor([0.1, 0.1, 0.1, 1.0], dtype=torch.float64))
     torch.testing.assert_close(Activation(0.0)(x), torch.tensor([0.0, 0.0, 0.0, 3.0], dtype=torch.float64))
+
+
+# --- lib.optim ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,cls,hyper,moment", [("sgd", torch.optim.SGD, {"momentum": 0}, None),
+                                                   ("momentum", torch.optim.SGD, {"momentum": 0.9}, "momentum_buffer"),
+                                                   ("adagrad", torch.optim.Adagrad, {"eps": 1e-10}, None),
+                                                   ("rmsprop", torch.optim.RMSprop, {"alpha": 0.99}, None),
+                                                   ("adam", torch.optim.Adam, {"betas": (0.9, 0.999)}, "exp_avg")])
+def test_make_optimizer_is_torch_s_with_its_defaults_and_first_moments_are_its_buffers(name, cls, hyper, moment):
+    """One step of momentum from a fresh state: buffer = g, w <- w - lr g (torch's SGD); the
+    first moments are the momentum / exp_avg buffers, None for the others."""
+    from lib.optim import first_moments
+    W = [w.requires_grad_() for w in make_weights([4, 3, 2], K=2)]
+    opt = make_optimizer(name, W, 0.05)
+    assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.05
+    assert all(opt.param_groups[0][k] == v for k, v in hyper.items())
+    X, Y = make_batch(6, 4, 2)
+    loss_fn(W, X, Y, ACT).sum().backward()
+    opt.step()
+    bufs = first_moments(opt, W)
+    if moment is None:
+        assert bufs == [None, None]
+    else:
+        for b, w in zip(bufs, W):
+            assert b is opt.state[w][moment]
+            torch.testing.assert_close(b, w.grad * (1 if name == "momentum" else 0.1))  # adam: (1 - b1) g
+
+
+# --- lib.train.fit and teleport_model -----------------------------------------------------------
+def test_fit_equals_epochs_by_hand_and_records_its_curves():
+    from lib.data import Data
+    from lib.train import fit, train_epoch
+    X, Y = make_batch(25, 6, 3)
+    Xt, Yt = make_batch(11, 6, 3, seed=5)
+    data = Data(X, Y, Xt, Yt)
+    W0 = make_weights([6, 5, 3], K=2)
+    W = [w.clone().requires_grad_() for w in W0]
+    calls = []
+    hist = fit(W, make_optimizer("adagrad", W, 0.1), data, ACT, 2, 10, hook=lambda e, i: calls.append((e, i)),
+               progress=False)
+    V = [w.clone().requires_grad_() for w in W0]
+    opt = make_optimizer("adagrad", V, 0.1)
+    init = evaluate(V, Xt, Yt, ACT)
+    want = {"test_loss_init": init[0].tolist(), "test_acc_init": init[1].tolist(),
+            "train_loss": [], "test_loss": [], "test_acc": []}
+    for _ in range(2):
+        want["train_loss"].append(train_epoch(V, opt, X, Y, ACT, 10).tolist())
+        te, acc = evaluate(V, Xt, Yt, ACT)
+        want["test_loss"].append(te.tolist())
+        want["test_acc"].append(acc.tolist())
+    assert calls == [(e, i) for e in range(2) for i in range(3)]
+    assert set(hist) == set(want) | {"time_s"}
+    for k, v in want.items():
+        np.testing.assert_allclose(hist[k], v, rtol=1e-6, atol=0, err_msg=k)
+    assert len(hist["time_s"]) == 2 and 0 < hist["time_s"][0] <= hist["time_s"][1]
+    for a, b in zip(W, V):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_teleport_model_random_move_and_strategies():
+    """teleport_model with random_norms acts in place by random_teleport's move (same generator),
+    keeps the held-out batch, and resets the optimizer state ('reset') or leaves it ('keep')."""
+    from lib.teleport import random_teleport
+    from lib.train import teleport_model
+    X, Y = make_batch(30, 6, 3)
+    Xh, Yh = make_batch(9, 6, 3, seed=3)
+    norms = torch.tensor([[0.1, 0.2], [0.3, 0.05]], dtype=torch.float64)
+    W0 = make_weights([6, 5, 4, 3], K=2)
+    want, rec_want, _ = random_teleport(W0, X, Y, ACT, RescaleAction(), norms, gen(4), heldout=(Xh, Yh))
+    for strategy in ("reset", "keep"):
+        W = [w.clone().requires_grad_() for w in W0]
+        opt = make_optimizer("adagrad", W, 0.1)
+        loss_fn(W, X, Y, ACT).sum().backward()
+        opt.step()
+        summed = [opt.state[w]["sum"].clone() for w in W]
+        after_step = [w.detach().clone() for w in W]
+        rec = teleport_model(W, opt, X, Y, ACT, strategy, random_norms=norms, generator=gen(4),
+                             action=RescaleAction(), heldout=(Xh, Yh))
+        moved, _, _ = random_teleport(after_step, X, Y, ACT, RescaleAction(), norms, gen(4), heldout=(Xh, Yh))
+        for w, m in zip(W, moved):
+            torch.testing.assert_close(w.detach(), m, rtol=1e-12, atol=0)
+        assert set(rec) == set(rec_want) and rec["algebra_norm"] == norms.tolist()
+        for w, s in zip(W, summed):
+            assert torch.equal(opt.state[w]["sum"], torch.zeros_like(s) if strategy == "reset" else s)
+
+
+# --- lib.report ---------------------------------------------------------------------------------
+def test_rows_and_tables_known_answers(tmp_path):
+    from lib.report import format_row, markdown_table, save_table
+    assert format_row({"epoch": 3, "loss": 0.123456}) == "epoch         3  loss    0.1235"
+    assert format_row({"a": 1.0}, {"a": 3}) == "a   1"
+    md = markdown_table(["arm", "loss"], [["baseline", 0.123456], ["teleport", 2]])
+    assert md == "| arm | loss |\n|---|---|\n| baseline | 0.1235 |\n| teleport | 2 |"
+    stem = str(tmp_path / "t")
+    assert save_table(stem, ["arm", "loss"], [["b", 0.1234567]], "Title", "note") == \
+        "# Title\n\n| arm | loss |\n|---|---|\n| b | 0.1235 |\n\nnote"
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["arm,loss", "b,0.123457"]
+
+
+def test_diverged_and_diverged_epochs_known_answers():
+    from lib.report import diverged, diverged_epochs, finite_stats
+    curves = [[1.0, 0.5, 0.4], [1.0, float("nan"), 0.3], [2e6, 1.0, 1.0], [1.0, None, 1.0]]
+    assert diverged(curves) == [None, 2, 1, 2]
+    assert diverged(curves, limit=1.5) == [None, 2, 1, 2]
+    assert diverged([[1.0, 3.0]], limit=2.0) == [2]
+    # values measured after the last epoch count as that epoch's
+    assert diverged_epochs([[1.0, 0.5], [1.0, 0.5], [float("inf"), 1.0]], [0.4, float("nan"), 0.4]) == [None, 2, 1]
+    assert finite_stats([1.0, 3.0, float("nan")]) == (2.0, 1.0, 2)
+
+
+# --- lib.arms.failed_models ---------------------------------------------------------------------
+def test_failed_models_known_answers():
+    from lib.arms import Arm, failed_models
+    arm = Arm("t", "teleport", "reset", guard=0.1)
+    W = [torch.ones(3, 2, 2), torch.ones(3, 2, 2)]
+    rec = {"loss_before": [1.0, 1.0, 1.0], "loss_after": [1.05, 1.2, 0.95], "objective_after": [1.0, 1.0, 1.0]}
+    assert failed_models(arm, W, rec).tolist() == [False, True, False]  # a drift of 20% > 10%
+    rec["objective_after"] = [float("nan"), 1.0, 1.0]
+    assert failed_models(arm, W, rec).tolist() == [True, True, False]
+    W[1][2, 0, 0] = float("inf")  # non-finite weights
+    assert failed_models(arm, W, rec).tolist() == [True, True, True]
+    assert failed_models(arm, [torch.ones(2, 1, 1)], {"error": "pinv failed"}).tolist() == [True, True]
+    assert failed_models(arm, [torch.ones(2, 1, 1)], {"drift": [5.0, 5.0]}).tolist() == [False, False]  # no guard on perturb
+
+
+def test_branch_copies_models_and_state_arm_major():
+    from lib.arms import branch
+    W = [w.requires_grad_() for w in make_weights([4, 3, 2], K=2)]
+    opt = make_optimizer("momentum", W, 0.1)
+    X, Y = make_batch(6, 4, 2)
+    loss_fn(W, X, Y, ACT).sum().backward()
+    opt.step()
+    W3, opt3 = branch(W, opt, 3, "momentum", 0.1)
+    for w, w3 in zip(W, W3):
+        assert w3.shape[0] == 6 and all(torch.equal(w3[2 * a:2 * a + 2], w.detach()) for a in range(3))
+        buf, buf3 = opt.state[w]["momentum_buffer"], opt3.state[w3]["momentum_buffer"]
+        assert all(torch.equal(buf3[2 * a:2 * a + 2], buf) for a in range(3)) and buf3.data_ptr() != buf.data_ptr()
+
+
+# --- lib.stats.draw_means -----------------------------------------------------------------------
+def test_draw_means_is_the_mean_over_draws_and_resumes_to_it():
+    from lib.stats import draw_means
+    draw = lambda j: {"a": torch.tensor([j, 2.0 * j], dtype=torch.float32), "b": torch.tensor([1.0, j ** 2])}  # noqa: E731
+    got = draw_means(draw, 4)
+    torch.testing.assert_close(got["a"], torch.tensor([1.5, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(got["b"], torch.tensor([1.0, 3.5], dtype=torch.float64))
+    states = []
+    draw_means(draw, 2, on_draw=states.append)
+    assert [s["draw"] for s in states] == [1, 2]
+    resumed = draw_means(draw, 4, resume=states[-1])
+    assert all(torch.equal(resumed[k], got[k]) for k in got)
