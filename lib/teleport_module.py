@@ -221,9 +221,19 @@ class Symmetry:
     def __init__(self, model, group):
         self.model, self.group, self.notices = model, group, []
         leaves = _leaves(model, self.notices)
-        self.parts = rescale_units(leaves) if group == "rescale" else gl_pairs(leaves, self.notices)
+        parts = rescale_units(leaves) if group == "rescale" else gl_pairs(leaves, self.notices)
+        known = dict(model.named_parameters())
+        self.parts = [p for p in parts if all(n in known for n in self._names(p))]
+        if len(self.parts) < len(parts):  # e.g. a parametrised weight (weight_norm): its name is not a parameter
+            self.notices.append(f"{len(parts) - len(self.parts)} unit set(s) or pair(s) left alone: "
+                                "a weight or bias there is not a plain parameter")
         if not self.parts:
             self.notices.append(f"group {group!r} found nothing to act on in this model: it is left unchanged")
+
+    def _names(self, part):
+        if self.group == "rescale":
+            return [op[0] for op in part.ops]
+        return [n for n in (part.v_weight, part.v_bias, part.u_weight) if n is not None]
 
     def shapes(self):
         return [(u.n,) if self.group == "rescale" else (u.v.out_features,) * 2 for u in self.parts]
@@ -403,7 +413,7 @@ def teleport_module(model, loss_fn, inputs, targets, *, group="rescale", objecti
     rec = {"group": group, "objective": objective, "state": state, "maximize": bool(maximize), "lr": float(lr),
            "steps": taken, "objective_before": before, "objective_after": float(f(leaf(params)).detach()),
            "size": sym.size(_algebra(sym, total)),
-           "units": sum(u.n for u in sym.parts) if group == "rescale" else len(sym.parts)}
+           "units": sum(s[0] for s in sym.shapes())}
     _losses(rec, model, params0, params, buffers, loss_fn, inputs, targets, heldout or (None, None))
     _write(model, params)
     carry_state(optimizer, model, sym, state, total, pushed)
@@ -480,7 +490,8 @@ def random_teleport_module(model, size, *, group="rescale", generator=None, opti
     pushed = _moments(optimizer, model, 1) if optimizer is not None and state == "transport" and group == "gl" else {}
     pushed = _push(sym, params, elements, hs, pushed)
     new = {n: p.detach() for n, p in sym(params, elements, hs).items()}
-    rec = {"group": group, "objective": "random", "state": state, "steps": 0, "size": sym.size(elements)}
+    rec = {"group": group, "objective": "random", "state": state, "steps": 0, "size": sym.size(elements),
+           "units": sum(s[0] for s in sym.shapes())}
     _losses(rec, model, params, new, buffers, loss_fn, inputs, targets, heldout or (None, None))
     _write(model, new)
     carry_state(optimizer, model, sym, state, elements, pushed)

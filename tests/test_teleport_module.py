@@ -1,6 +1,8 @@
 """lib.teleport_module: symmetries read off an nn.Module, exact on fresh inputs; eq. (46) on the
 teleport batch; optimizer-state strategies; unsupported layers; equal to the batched engine."""
+import ast
 import copy
+import os
 import subprocess
 import sys
 import warnings
@@ -116,7 +118,7 @@ def test_gl46_keeps_teleport_batch_loss_when_batch_at_most_width():
     with torch.no_grad():
         assert (model(x) - before(x)).abs().max() < 1e-10
     assert abs(rep["loss_after"] - rep["loss_before"]) < 1e-10
-    assert rep["objective_after"] > rep["objective_before"] * 1.01 and rep["units"] == 2
+    assert rep["objective_after"] > rep["objective_before"] * 1.01 and rep["units"] == 15
     assert (model[0].bias - before[0].bias).abs().max() > 1e-3  # the bias moves with g
     assert rep["size"] > 1e-2
 
@@ -144,6 +146,21 @@ def test_unsupported_layer_gives_notice_and_keeps_function():
     same = [torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters())]
     assert same[:6] == [True] * 6  # Linear 0 (before the Tanh), Linear 3 (before Custom), Custom's Linear
     assert not all(same[6:])  # the symmetry resumed: Linear 7 -> ReLU -> Linear 9
+
+
+def test_parametrised_weight_is_left_alone():
+    model = seeded(mlp).eval()
+    nn.utils.parametrizations.weight_norm(model[3])
+    x, y = batch((6,), 10)
+    fresh = batch((6,), 40, seed=3)[0]
+    before = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = teleport_module(model, F.cross_entropy, x, y, lr=0.5, steps=2)
+    assert any("not a plain parameter" in str(w.message) for w in caught) and len(caught) == len(rep["notices"])
+    assert rep["units"] == 0 and rep["size"] == 0
+    with torch.no_grad():
+        assert torch.equal(model(fresh), before(fresh))
 
 
 def test_a_step_to_non_finite_weights_is_not_taken():
@@ -207,7 +224,7 @@ def test_transport_equals_state_built_at_the_new_weights(name):
     opt = make_opt(name, model.parameters(), 0.0)
     _grads(model, x, y)
     opt.step()
-    teleport_module(model, F.cross_entropy, x, y, lr=0.5, steps=3, optimizer=opt, state="transport")
+    teleport_module(model, F.cross_entropy, x, y, lr=0.5, steps=2, optimizer=opt, state="transport")
     G = _grads(model, x, y)
     params = dict(model.named_parameters())
     for key, f in EXPECTED[name].items():
@@ -277,8 +294,9 @@ def test_objectives_a_norm_log_and_sharpness_rise_and_minimize_lowers():
     opt.step()
     for kw in ({"objective": "a_norm", "optimizer": opt, "state": "keep", "lr": 1e-3},
                {"objective": "log_grad_norm", "lr": 0.2},
-               {"objective": "sharpness", "lr": 50.0, "generator": torch.Generator().manual_seed(0)}):
-        rep = teleport_module(model, F.cross_entropy, x, y, steps=3, **kw)
+               {"objective": "sharpness", "lr": 50.0, "generator": torch.Generator().manual_seed(0),
+                "sharpness_ts": [0.05, 0.1, 0.15]}):
+        rep = teleport_module(model, F.cross_entropy, x, y, steps=2, **kw)
         assert rep["objective_after"] > rep["objective_before"], kw["objective"]
     rep = teleport_module(model, F.cross_entropy, x, y, steps=3, lr=0.2, objective="log_grad_norm", maximize=False)
     assert rep["objective_after"] < rep["objective_before"]
@@ -310,3 +328,32 @@ def test_lazy_export():
             "assert teleport_module.__module__ == random_teleport_module.__module__ == 'lib.teleport_module'\n"
             "assert callable(teleport_module) and not isinstance(teleport_module, type(sys))\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# ---- the README's example ----
+
+def readme_block():
+    """The fenced python block of README.md's section 'Teleport your own model'."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        section = fh.read().split("## Teleport your own model\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_compiles():
+    code = readme_block()
+    compile(code, "README.md", "exec")
+    assert "from lib import teleport_module" in code and len(code.splitlines()) <= 20
+
+
+@pytest.mark.slow
+def test_readme_example_runs_as_written():
+    """From the repository root, as `python -c`: the data notice, then the report, exact."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", readme_block()], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    report = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert report["loss_after"] == pytest.approx(report["loss_before"], rel=1e-5)
+    assert report["heldout_loss_after"] == pytest.approx(report["heldout_loss_before"], rel=1e-5)
+    assert report["objective_after"] > report["objective_before"] and report["steps"] == 10
+    assert len(out.stderr.strip().splitlines()) <= 1  # at most the bundled-data notice
