@@ -466,3 +466,117 @@ def test_draw_means_is_the_mean_over_draws_and_resumes_to_it():
     assert [s["draw"] for s in states] == [1, 2]
     resumed = draw_means(draw, 4, resume=states[-1])
     assert all(torch.equal(resumed[k], got[k]) for k in got)
+
+
+# --- record fields the scripts report that no other test reads back -----------------------------
+def test_quadratic_record_known_answers():
+    """x^2 + 9y^2 from (10, 0.1), lr 0.05, teleport before step 5: GD multiplies x by 0.9 and y by
+    0.1 per step; the teleport rotates the point onto the steep axis at the same loss, where
+    ||grad f||^2 / max over the level set = (4x^2 + 324y^2) / (36 (x^2 + 9y^2)) becomes 1."""
+    import teleport_quadratic as tq
+    from lib.config import resolve, with_preset
+    cfg = with_preset(resolve(tq, []), tq.PRESETS, "FUNCTION", "x2_9y2")
+    out = tq.experiment(cfg, "x2_9y2")
+    f = lambda x, y: x * x + 9 * y * y  # noqa: E731
+    ratio_sq = lambda x, y: (4 * x * x + 324 * y * y) / (36 * f(x, y))  # noqa: E731
+    assert out["function"] == "x2_9y2" and out["settings"] == {"START": (10.0, 0.1), "LR": 0.05, "TELEPORT_STEP": 5}
+    assert out["hessian"].tolist() == [[2.0, 0.0], [0.0, 18.0]] and out["hessian_eigenvalues"].tolist() == [2.0, 18.0]
+    assert out["grad_norm_max_over_min_on_a_level_set"] == pytest.approx(3.0, rel=1e-12)
+    rec, (x, y) = out["teleport"], (10 * 0.9 ** 5, 0.1 * 0.1 ** 5)
+    assert rec["w_before"] == pytest.approx([x, y], rel=1e-12)
+    assert rec["loss_before"] == pytest.approx(f(x, y), rel=1e-12) and rec["loss_after"] == pytest.approx(f(x, y), rel=1e-12)
+    assert rec["w_after"] == pytest.approx([0.0, math.sqrt(f(x, y) / 9)], rel=1e-9, abs=1e-9)
+    assert rec["theta_closed_form"] == pytest.approx(rec["theta"], abs=1e-12)
+    assert rec["ratio_sq_before"] == pytest.approx(ratio_sq(x, y), rel=1e-9) and rec["ratio_sq_after"] == pytest.approx(1, abs=1e-12)
+    assert 0 < rec["ascent_steps"] <= cfg["TELEPORT_MAX_STEPS"]
+    p = out["prop_3_5"]  # without teleport the ratio starts at its maximum and falls to 1/3 (the flat axis)
+    assert p["max_ratio_no_teleport"] == pytest.approx(math.sqrt(ratio_sq(10.0, 0.1)), rel=1e-12)
+    assert p["min_ratio_no_teleport"] == pytest.approx(1 / 3, rel=1e-9)
+    # after the teleport: GD from w_after, the first step whose ratio departs from 1 by more than 1e-6
+    (xa, ya), k = rec["w_after"], 0
+    while abs(math.sqrt(ratio_sq(xa * 0.9 ** k, ya * 0.1 ** k)) - 1) <= 1e-6:
+        k += 1
+    assert p["gd_steps_after_teleport_until_ratio_departs_1e-6"] == k
+    assert p["loss_when_ratio_departs"] == pytest.approx(f(xa * 0.9 ** k, ya * 0.1 ** k), rel=1e-6)
+    assert out["divergence"]["limit"] == pytest.approx(tq.DIVERGED_ABOVE * f(10.0, 0.1), rel=1e-12)
+    assert out["divergence"]["lr_times_lambda_max"] == pytest.approx(0.9, rel=1e-12)
+
+
+def test_curvature_displacement_checks_are_the_closed_forms_of_eq_66():
+    import contextlib
+    import io
+
+    import curvature_displacement as cd
+    from lib.config import resolve
+    cfg = {**resolve(cd, ["--quick"]), "N_KAPPA": 3, "CIRCLE_RS": [1.0], "PARABOLA_RS": [1.0], "N_ANGLES": 400}
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, checks = cd.experiment(cfg)
+    assert checks["two_over_pi"] == 2 / math.pi and checks["parabola_limit_kappa_r_inf"] == 0.5 + 1 / math.pi
+    assert checks["circle_kappa_r_1_closed_form"] == pytest.approx(0.598742703618672, rel=1e-12)
+    assert checks["circle_kappa_r_1_numeric"] == pytest.approx(checks["circle_kappa_r_1_closed_form"], abs=1e-4)
+    assert checks["kappa0_max_abs_err"] < 1e-4
+
+
+def test_optimization_summary_fields_known_answers():
+    """teleport_optimization.summary on hand-made curves (2 runs, 3 epochs; the teleport arm's
+    run 2 diverges at epoch 2): the per-arm mean training loss over all epochs, the controls'
+    share of the gain at each control epoch, and the epoch-by-epoch comparison with the baseline."""
+    import teleport_optimization as script
+    nan = float("nan")
+    res = {arm: {"train_loss": [[1.0, 1.0], [0.5 - d, nan if arm == "teleport" else 0.6],
+                                [0.4 - d, nan if arm == "teleport" else 0.5]],
+                 "test_loss": [[1.0, 1.0]] * 3, "test_acc": [[50.0, 50.0]] * 3, "time_s": [1.0, 2.0, 3.0],
+                 "teleports": [{"time_s": 0.25}, {"time_s": 0.5}]}
+           for arm, d in (("baseline", 0.0), ("teleport", 0.1), ("reset-only", 0.05))}
+    _, summ = script.summary({"DATASET": "MNIST", "N_RUNS": 2, "EPOCHS": 3, "REPORT_EPOCHS": [1, 3],
+                              "CONTROL_EPOCHS": [2, 3]}, {"adam": res})
+    arms = summ["per_arm"]["adam"]
+    assert arms["baseline"]["mean_train_loss_all_epochs"] == pytest.approx((1.9 / 3 + 2.1 / 3) / 2)
+    assert arms["teleport"]["mean_train_loss_all_epochs"] == pytest.approx(1.7 / 3)  # run 1 only
+    assert arms["reset-only"]["mean_train_loss_all_epochs"] == pytest.approx((1.8 / 3 + 2.1 / 3) / 2)
+    assert arms["teleport"]["teleport_time_s"] == 0.75 and arms["teleport"]["time_s"] == 3.0
+    assert summ["verdicts"]["adam"]["share_at_epoch"] == {"reset-only": {2: pytest.approx(0.5), 3: pytest.approx(0.5)}}
+    assert summ["teleport_below_baseline"]["adam"] == \
+        "adam: 1: no (1.0000 vs 1.0000), 2: yes (0.4000 vs 0.5000), 3: yes (0.3000 vs 0.4000)"
+
+
+def test_sharpness_curvature_summary_fields_known_answers():
+    """teleport_sharpness_curvature.summary on hand-made results (2 seeds; arm 'up' diverges in
+    seed 2): every row field from its definition."""
+    import teleport_sharpness_curvature as tsc
+    nan = float("nan")
+    curves = {"baseline": {"train_loss": [[1.0, 0.5], [1.0, 0.7]], "test_loss": [[1.0, 0.8], [1.0, 0.9]],
+                           "test_acc": [[10.0, 80.0], [10.0, 70.0]]},
+              "up": {"train_loss": [[1.0, 0.4], [1.0, nan]], "test_loss": [[1.0, 0.85], [1.0, nan]],
+                     "test_acc": [[10.0, 90.0], [10.0, 5.0]]}}
+    res = {"arms": ["baseline", "up"], "curves": curves, "diverged": {"baseline": [None, None], "up": [None, 2]},
+           "landscape": {"branch": {"phi": [1.0, 2.0], "psi": [3.0, 4.0]},
+                         "after_teleport": {"baseline": {"phi": [1.0, 2.0], "psi": [3.0, 4.0]},
+                                            "up": {"phi": [1.5, 9.0], "psi": [2.0, 9.0]}}},
+           "records": {"up": [{"loss_before": [1.0, 1.0], "loss_after": [1.2, 5.0], "objective_before": [2.0, 2.0],
+                               "objective_after": [3.0, 9.0], "failed": [False, True]}]}}
+    base, up = tsc.summary(res)
+    assert base == {"arm": "baseline", "test_loss": pytest.approx(0.85), "test_loss_std": pytest.approx(0.05),
+                    "dtest_paired": 0.0, "dtest_paired_std": 0.0, "dtrain_paired": 0.0, "test_acc": 75.0,
+                    "test_acc_std": 5.0, "train_loss": pytest.approx(0.6), "gap": pytest.approx(0.25), "dphi": 0.0,
+                    "dpsi": 0.0, "dobjective_per_teleport": base["dobjective_per_teleport"], "drift_per_teleport": 0.0,
+                    "n": 2, "of": 2, "undone": 0}
+    assert math.isnan(base["dobjective_per_teleport"])
+    assert up == {"arm": "up", "test_loss": 0.85, "test_loss_std": 0.0, "dtest_paired": pytest.approx(0.05),
+                  "dtest_paired_std": 0.0, "dtrain_paired": pytest.approx(-0.1), "test_acc": 90.0, "test_acc_std": 0.0,
+                  "train_loss": 0.4, "gap": pytest.approx(0.45), "dphi": 0.5, "dpsi": -1.0,
+                  "dobjective_per_teleport": 1.0, "drift_per_teleport": pytest.approx(0.2), "n": 1, "of": 2, "undone": 1}
+
+
+def test_rescaling_summary_mean_gain_and_batch_drift():
+    import teleport_relu_rescaling as script
+    hist = {"train_loss": [[3.0, 1.0], [2.0, 2.0]], "test_loss": [[5.0, 5.0], [4.0, 2.0]],
+            "test_acc": [[0, 0], [50.0, 70.0]], "time_s": [1.0, 2.5]}
+    recs = [{"grad_norm_before": [1.0, 2.0], "grad_norm_after": [2.0, 8.0], "loss_before": [1.0, 1.0],
+             "loss_after": [1.1, 1.2], "time_s": 0.5, "failed": [False, False]},
+            {"grad_norm_before": [1.0, 1.0], "grad_norm_after": [9.0, 1.0], "loss_before": [1.0, 1.0],
+             "loss_after": [9.0, 1.0], "time_s": 0.5, "failed": [True, False]}]  # model 0's second one undone
+    s = script.summarize(hist, recs, [2])
+    assert s["grad_gain_mean"] == pytest.approx(7 / 3) and s["grad_gain_median"] == 2.0  # gains 2, 4, 1
+    assert s["drift_batch_median"] == pytest.approx(0.1) and s["train_time_s"] == 2.5  # drifts 0.1, 0.2, 0
+    assert s["train_2"] == 2.0 and s["test_2"] == 3.0
