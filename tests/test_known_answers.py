@@ -580,3 +580,33 @@ def test_rescaling_summary_mean_gain_and_batch_drift():
     assert s["grad_gain_mean"] == pytest.approx(7 / 3) and s["grad_gain_median"] == 2.0  # gains 2, 4, 1
     assert s["drift_batch_median"] == pytest.approx(0.1) and s["train_time_s"] == 2.5  # drifts 0.1, 0.2, 0
     assert s["train_2"] == 2.0 and s["test_2"] == 3.0
+
+
+# --- smaller known answers: random_lie_elements, psi, acted pairs, transport of some models -------
+def test_random_lie_elements_psi_and_acted_pairs():
+    from lib.metrics import curvature, psi, random_lie_elements
+    W = make_weights([6, 5, 4, 3], K=2)
+    Ms = random_lie_elements(W, gen(0))
+    assert [M.shape for M in Ms] == [(5, 5), (4, 4)]
+    assert all((M >= 0).all() and abs(M.norm().item() - 1) < 1e-12 for M in Ms)
+    assert [M.shape for M in random_lie_elements(W, gen(0), pairs=(-1,))] == [(4, 4)]
+    X, _ = make_batch(4, 6, 3)
+    draws = [random_lie_elements(W, gen(s)) for s in (1, 2)]
+    torch.testing.assert_close(psi(W, X, ACT, draws), (curvature(W, X, ACT, draws[0]) + curvature(W, X, ACT, draws[1])) / 2)
+    assert GLAction(46, pairs=(-1, 0)).acted_pairs(W) == [0, 1] and GLAction(54).acted_pairs(W) == [0, 1]
+    assert GLAction(46, pairs=(-1,)).algebra_shapes(W) == [(2, 4, 4)]
+    assert RescaleAction().algebra_shapes(W) == [(2, 5), (2, 4)]
+
+
+def test_transport_of_some_models_replaces_only_their_first_moments():
+    from lib.optim import apply_strategy, first_moments
+    W = [w.requires_grad_() for w in make_weights([4, 3, 2], K=3)]
+    opt = make_optimizer("momentum", W, 0.1)
+    X, Y = make_batch(6, 4, 2)
+    loss_fn(W, X, Y, ACT).sum().backward()
+    opt.step()
+    before = [b.clone() for b in first_moments(opt, W)]
+    new = [torch.full_like(b[1:2], 7.0) for b in before]
+    apply_strategy(opt, W, "transport", new, models=slice(1, 2))
+    for b, a in zip(before, first_moments(opt, W)):
+        assert torch.equal(a[1], torch.full_like(a[1], 7.0)) and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
