@@ -109,7 +109,8 @@ def test_arm_hook_measures_the_drift_on_a_second_batch_of_fresh_images():
     W = [w.requires_grad_() for w in make_weights([784, 12, 10, 10], K=2)]
     opt = make_optimizer("sgd", W, 0.1)
     tele = dict(objective=make_objective("grad_norm", ACT), action=GLAction(46), steps=2, lr=0.05)
-    hook = ArmHook(W, opt, data, ACT, [Arm("t", "teleport", "reset", teleport=tele)], Moments((0,), 1, 10, 7))
+    hook = ArmHook(W, opt, data, ACT, [Arm("t", "teleport", "reset", teleport=tele)], Moments((0,), 1, 10, 7),
+                   test_drift=True)
     before = [w.detach().clone() for w in W]
     hook(0, 0)
     rec, after = hook.records["t"][0], [w.detach() for w in W]
@@ -120,6 +121,10 @@ def test_arm_hook_measures_the_drift_on_a_second_batch_of_fresh_images():
         torch.testing.assert_close(torch.tensor(rec[key], dtype=torch.float64),
                                    loss_fn(WW, data.x_train[rows], data.y_train[rows], ACT), rtol=1e-12, atol=0)
     assert rec["heldout_loss_before"] != rec["loss_before"]
+    for key, WW in (("test_loss_before", before), ("test_loss_after", after)):  # test_drift=True: the whole test set
+        torch.testing.assert_close(torch.tensor(rec[key], dtype=torch.float64),  # evaluate sums in float32
+                                   loss_fn(WW, data.x_test, data.y_test, ACT), rtol=1e-6, atol=0)
+    assert (rec["epoch"], rec["batch"]) == (0, 0)
 
 
 # --- lib.train.train_epoch: every example, the last partial batch included -----------------------
