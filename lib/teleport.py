@@ -5,7 +5,7 @@ import time
 import torch
 from torch.func import jvp
 
-from lib.actions import random_algebra, zero_algebra
+from lib.actions import GLAction, random_algebra, zero_algebra
 from lib.config import UsageError
 from lib.metrics import curvature, grad_norm_sq, random_directions, random_lie_elements, sharpness
 from lib.models import loss_fn
@@ -20,7 +20,9 @@ def make_objective(name, act, loss="ce", precond=None, ts=None, kind="sphere", n
     (needs precond, App. F.1); 'sharpness' phi of eq. (4) with displacements ts and fresh random
     directions each call; 'curvature' psi of eq. (5) over n_curves fresh random curves (eq. 54)."""
     if name == "grad_norm":
-        return lambda W, X, Y: grad_norm_sq(W, X, Y, act, loss)
+        f = lambda W, X, Y: grad_norm_sq(W, X, Y, act, loss)  # noqa: E731
+        f.fast = (act, loss)  # teleport's fast path knows this objective (grad_norm_ascent)
+        return f
     if name == "log_grad_norm":
         return lambda W, X, Y: grad_norm_sq(W, X, Y, act, loss).log()
     if name == "a_norm":
@@ -35,9 +37,122 @@ def make_objective(name, act, loss="ce", precond=None, ts=None, kind="sphere", n
     raise UsageError(f"unknown teleport objective {name!r}; known: {', '.join(OBJECTIVES)}")
 
 
+def pinv_rows(A, rtol=None):
+    """Moore-Penrose pseudo-inverse of A (K, m, n) of full row rank m <= n, A^+ = A^T (A A^T)^{-1},
+    from a Cholesky factor of the m x m Gram matrix in float64 instead of an SVD of A. Falls back to
+    torch.linalg.pinv(A) where m > n, the Cholesky fails, or a model's Gram matrix may have an
+    eigenvalue below (rtol * its largest)^2, pinv's cut-off (rtol = max(m, n) * eps of A's dtype),
+    tested by the sufficient bound lambda_min / lambda_max >= 1 / (tr(A A^T) tr((A A^T)^{-1})).
+    Returns (A^+ (K, n, m) in A's dtype, True if it came from the solve)."""
+    m, n = A.shape[-2:]
+    rtol = max(m, n) * torch.finfo(A.dtype).eps if rtol is None else rtol
+    A64 = A.detach().double()
+    gram = A64 @ A64.mT
+    try:
+        inv = torch.cholesky_inverse(torch.linalg.cholesky(gram)) if m <= n else None
+    except torch.linalg.LinAlgError:
+        inv = None
+    tr = lambda M: M.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    if inv is None or not bool((tr(gram) * tr(inv) * rtol ** 2 < 1).all()):
+        return torch.linalg.pinv(A.detach()), False
+    return (A64.mT @ inv).to(A.dtype), True
+
+
+def _preacts(Z0, Ws, act):
+    """Pre-activations of every layer but the last, in rows: [Z_1 = X W_1^T (given), Z_2 = sigma(Z_1) W_2^T, ...]."""
+    Zs = [Z0]
+    for w in Ws[:-1]:
+        Zs.append(act(Zs[-1]) @ w.mT)
+    return Zs
+
+
+def gl46_move(W, Ts, Zs, act, pairs):
+    """Eq. (46) with g = I + T on the acted `pairs`, as lib.actions.GLAction(46) but with the
+    pseudo-inverse from pinv_rows: V <- g V, U <- U sigma(z) sigma(g z)^+ with z = V h the pair's
+    pre-activations of the current weights, given in rows: Zs[m] (K, B, n) (_preacts).
+    W: (K, out, in); Ts: (K, n, n) per pair. Returns the new weights and the first layer's new
+    pre-activations Z_1 g_1^T (= X W_1'^T, kept without the input width)."""
+    new, right, Z0 = list(W), [None] * len(W), Zs[0]
+    for T, m in zip(Ts, pairs):
+        g = torch.eye(T.shape[-1], dtype=T.dtype, device=T.device) + T
+        gz = Zs[m] @ g.mT
+        new[m] = g @ W[m]
+        right[m + 1] = act(Zs[m]).mT @ pinv_rows(act(gz).mT)[0]
+        Z0 = gz if m == 0 else Z0
+    return [w if r is None else w @ r for w, r in zip(new, right)], Z0
+
+
+def _grad_norm_rows(Z0, Ws, gram, Y, act, loss):
+    """||grad_W L||^2 per model (K,) by backpropagation written out (differentiable once, in
+    rows), from the first layer's pre-activations Z0 = X W_1^T (K, B, d_1), the other layers Ws and
+    the batch's Gram matrix gram = X X^T (B, B): ||dL/dW_1||^2 = tr(delta_1^T X X^T delta_1), so the
+    input width d_0 drops out. sigma' is held constant (a.e.), as in autograd's second derivative."""
+    Zs = _preacts(Z0, Ws, act)
+    out, B = act(Zs[-1]) @ Ws[-1].mT, Z0.shape[1]
+    if loss == "ce":
+        delta = (torch.softmax(out, -1) - torch.nn.functional.one_hot(Y, out.shape[-1]).to(out)) / B
+    else:
+        delta = out - Y
+    total = 0
+    for j in range(len(Ws) - 1, -1, -1):
+        total = total + (delta.mT @ act(Zs[j])).pow(2).sum((1, 2))
+        delta = (delta @ Ws[j]) * act.derivative(Zs[j].detach())
+    return total + ((gram @ delta) * delta).sum((1, 2))
+
+
+def grad_norm_ascent(W, Z0, gram, Y, act, loss, pairs):
+    """||grad L||^2 at W (K,) and its gradient in the algebra elements T (one (K, n, n) per acted
+    pair) of eq. (46) at T = 0, without differentiating a pseudo-inverse: where sigma(z) (n x B,
+    z = V h) has full row rank, d/dT [U sigma(z) sigma((I + T) z)^+] = -U (sigma'(z) * (T z)) sigma(z)^+,
+    and V <- (I + T) V: to first order, all the gradient sees, the weights are linear in T.
+    Z0 = X W_1^T (K, B, d_1), gram = X X^T (_grad_norm_rows). Returns (objective, grads, the
+    pre-activations Zs) or None where a pair's sigma(z) lacks full row rank (use the generic path)."""
+    Zs = _preacts(Z0, W[1:], act)
+    Aps = [pinv_rows(act(Zs[m]).mT) for m in pairs]  # sigma(z)^+ : (K, B, n)
+    if not all(ok for _, ok in Aps):
+        return None
+    Ts = [torch.zeros(W[m].shape[0], W[m].shape[1], W[m].shape[1], dtype=W[0].dtype, device=W[0].device,
+                      requires_grad=True) for m in pairs]
+    Wl, Z = list(W), Z0
+    with torch.enable_grad():
+        for T, m, (Ap, _) in zip(Ts, pairs, Aps):
+            if m == 0:
+                Z = Z + Z @ T.mT
+            else:
+                Wl[m] = Wl[m] + T @ Wl[m]
+            D = act.derivative(Zs[m]) * (Zs[m] @ T.mT)  # (sigma'(z) * (T z))^T in rows
+            Wl[m + 1] = Wl[m + 1] - Wl[m + 1] @ (D.mT @ Ap)
+        obj = _grad_norm_rows(Z, Wl[1:], gram, Y, act, loss)
+        return obj.detach(), list(torch.autograd.grad(obj.sum(), Ts)), Zs
+
+
+@torch.no_grad()
+def _fast_value(W, X, Y, act, loss):
+    """||grad L||^2 per model (K,) without autograd (_grad_norm_rows)."""
+    from lib.models import forward
+    return _grad_norm_rows(forward(W[:1], X, act), W[1:], X @ X.T, Y, act, loss)
+
+
+def _fast(objective, action, X):
+    """(act, loss) where teleport's fast path applies (||grad L||^2 under eq. (46) with g = I + T
+    and a batch shared by all models), else None."""
+    ok = isinstance(action, GLAction) and action.eq == 46 and action.group == "first_order" and X.dim() == 2
+    return getattr(objective, "fast", None) if ok else None
+
+
 def _value(objective, W, X, Y):
     W = [w.detach().requires_grad_() for w in W]
     return objective(W, X, Y).detach()
+
+
+def _ascent(objective, action, W, X, Y, act):
+    """The objective at g = I (K,) and its gradient in the algebra elements, by autograd through the action."""
+    Ts = zero_algebra(action, W)
+    # layers outside the acted pairs come back as plain tensors: make them leaves that
+    # require grad, so objectives that differentiate in W (||grad L||^2) see every layer
+    obj = objective([w if w.requires_grad else w.detach().requires_grad_()
+                     for w in action(W, Ts, X, act)], X, Y)
+    return obj.detach(), list(torch.autograd.grad(obj.sum(), Ts))
 
 
 def _apply(action, W, Ts, X, act, tangents):
@@ -82,33 +197,47 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
     objective exceeds `stop_above` (checked before each step, as the authors).
     heldout = (X, Y) of a second batch for the loss drift; tangents = sets of lists shaped like W
     (e.g. momentum buffers) pushed forward by the action. Returns (new W, record, tangents);
-    the record holds per-model lists: objective and losses before/after, steps, algebra_norm, time_s."""
+    the record holds per-model lists: objective and losses before/after, steps, algebra_norm, time_s.
+    ||grad L||^2 under eq. (46), g = I + T, without tangents: the fast path (grad_norm_ascent,
+    gl46_move: no autograd through a pseudo-inverse, no second backward, nothing of input width
+    per step), the same steps to rounding, while every acted sigma(z) has full row rank."""
     if lr < 0:
         raise UsageError(f"teleport step size must be >= 0, got {lr}")
     t0 = time.perf_counter()
     W0 = W = [w.detach() for w in W]
     K = W[0].shape[0]
     active, n_steps, G = torch.ones(K, dtype=torch.bool, device=W[0].device), torch.zeros(K), None
-    before = _value(objective, W, X, Y)
+    fast = _fast(objective, action, X) if not tangents else None
+    if fast:  # first-layer pre-activations and the Gram matrix, tracked without the input width
+        from lib.models import forward
+        gram, Z0, pairs = X @ X.T, forward(W[:1], X, act), action.acted_pairs(W)
+    before = None
     for _ in range(steps):
-        Ts = zero_algebra(action, W)
-        # layers outside the acted pairs come back as plain tensors: make them leaves that
-        # require grad, so objectives that differentiate in W (||grad L||^2) see every layer
-        obj = objective([w if w.requires_grad else w.detach().requires_grad_()
-                         for w in action(W, Ts, X, act)], X, Y)
+        res = fast and grad_norm_ascent(W, Z0, gram, Y, *fast, pairs)
+        fast = fast if res else None  # no full row rank: the generic path from here on
+        obj, grads = res[:2] if res else _ascent(objective, action, W, X, Y, act)
+        before = obj if before is None else before
         if stop_above is not None:
-            active &= obj.detach() <= stop_above
+            active &= obj <= stop_above
         if not active.any():
             break
         mask = active.to(W[0].dtype) * (lr if maximize else -lr)
-        Ts = [g * mask.view(-1, *[1] * (g.dim() - 1)) for g in torch.autograd.grad(obj.sum(), Ts)]
-        W, tangents = _apply(action, W, Ts, X, act, tangents)
+        Ts = [g * mask.view(-1, *[1] * (g.dim() - 1)) for g in grads]
+        if res:  # full row rank: g = I is the identity, so a stopped model is left exactly where it is
+            keep = lambda old, new: torch.where(active.view(-1, 1, 1), new, old)  # noqa: E731
+            Wn, Zn = gl46_move(W, Ts, res[2], act, pairs)
+            W, Z0 = [keep(a, b) for a, b in zip(W, Wn)], keep(Z0, Zn)
+        else:
+            W, tangents = _apply(action, W, Ts, X, act, tangents)
         G, n_steps = _compose(action, G or [None] * len(Ts), Ts), n_steps + active.cpu()
+    known = _fast(objective, action, X)  # ||grad L||^2 without autograd, else through the objective
+    value = (lambda _, V, X, Y: _fast_value(V, X, Y, *known)) if known else _value
+    before = value(objective, W0, X, Y) if before is None or not fast else before
     G = G or [torch.zeros(s, device=W[0].device) if action.name == "rescale"
               else torch.eye(s[-1], device=W[0].device).expand(s) for s in action.algebra_shapes(W)]
     with torch.no_grad():
         rec = _drift_record(W0, W, X, Y, act, loss, heldout)
-    rec.update(objective_before=before, objective_after=_value(objective, W, X, Y),
+    rec.update(objective_before=before, objective_after=value(objective, W, X, Y),
                algebra_norm=_algebra_norm(action, G), steps=n_steps)
     if W[0].is_cuda:
         torch.cuda.synchronize()

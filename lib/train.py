@@ -6,14 +6,16 @@ import sys
 import torch
 
 from lib.models import init_mlp, loss_and_grads
-from lib.optim import apply_strategy, check_strategy, first_moments, make_optimizer
+from lib.optim import (BatchedOptimizer, apply_strategy, check_strategy, first_moments, fused_update,
+                       make_optimizer)
 from lib.teleport import random_teleport, teleport
 
 
-def make_model(widths, seeds, optimizer, lr, device="cpu"):
-    """Leaf weight tensors of len(seeds) MLPs and their optimizer."""
+def make_model(widths, seeds, optimizer, lr, device="cpu", batched_optimizer=False):
+    """Leaf weight tensors of len(seeds) MLPs and their optimizer (batched_optimizer=True:
+    lib.optim.BatchedOptimizer, whose update train_epoch fuses into the training step)."""
     W = [w.requires_grad_() for w in init_mlp(widths, seeds, device)]
-    return W, make_optimizer(optimizer, W, lr)
+    return W, make_optimizer(optimizer, W, lr, batched=batched_optimizer)
 
 
 _COMPILED = {}
@@ -36,12 +38,72 @@ def compiled_loss_and_grads(W, X, Y, act, loss="ce"):
     return loss_and_grads(W, X, Y, act, loss)
 
 
+@torch.no_grad()
+def train_step(W, bufs, scales, X, Y, act, loss, name, lr):
+    """One training step of K batched models, in place: loss_and_grads, then fused_update of every
+    weight tensor W[j] (K, out, in) with its optimizer state bufs[j] (lib.optim.BUFFERS[name]) and
+    Adam's per-model scales (or None). Returns the losses (K,). Nothing else is written to memory
+    that outlives the step: no .grad, no new optimizer state."""
+    losses, grads = loss_and_grads(W, X, Y, act, loss)
+    for w, g, b in zip(W, grads, bufs):
+        fused_update(name, lr, w, g, b, scales)
+    return losses
+
+
+def step_mode(device):
+    """How the training step is compiled on `device`: 'reduce-overhead' on CUDA (the step captured
+    in a CUDA graph and replayed: a batch-20 step is launch-bound), 'default' elsewhere (inductor's
+    fused C++ kernels; CUDA graphs do not exist on a CPU)."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+
+
+def compiled_train_step(W, opt, X, Y, act, loss="ce"):
+    """train_step through torch.compile (mode step_mode(device)), the optimizer's update inside the
+    compiled step (opt: BatchedOptimizer). Falls back to the eager step as compiled_loss_and_grads.
+    Increments the step counts (outside: they are (K,) float64 bookkeeping)."""
+    bufs, steps = zip(*(opt.buffers(w) for w in W))
+    for st in steps:
+        st += 1
+    scales = opt.scales(W[0], steps[0])  # every weight of a batched model has the same step counts
+    mode = step_mode(W[0].device)
+    fn = _COMPILED.get(("step", mode))
+    if fn is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # optimizers x shapes
+        fn = _COMPILED[("step", mode)] = torch.compile(train_step, dynamic=False, mode=mode)
+    args = ([w.detach() for w in W], list(bufs), scales, X, Y, act, loss, opt.name, opt.lr)
+    if fn is not train_step:
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: train eagerly instead
+            print(f"warning: torch.compile failed ({type(e).__name__}); training eagerly", file=sys.stderr)
+            _COMPILED[("step", mode)] = train_step
+    return train_step(*args)
+
+
+def eager_train_step(W, opt, X, Y, act, loss="ce"):
+    """train_step without the compiler, for a BatchedOptimizer."""
+    bufs, steps = zip(*(opt.buffers(w) for w in W))
+    for st in steps:
+        st += 1
+    return train_step([w.detach() for w in W], list(bufs), opt.scales(W[0], steps[0]), X, Y, act, loss,
+                      opt.name, opt.lr)
+
+
 def train_epoch(W, opt, X, Y, act, batch_size, loss="ce", before_batch=None, compile=False):
     """One epoch over (X, Y) in fixed sequential order, batches X[i*b:(i+1)*b]. Calls
     before_batch(i) before batch i (to teleport there). compile=True: the gradient step through
-    torch.compile (compiled_loss_and_grads). Returns the mean batch loss per model (K,), on the device."""
+    torch.compile (compiled_loss_and_grads), and with a BatchedOptimizer the whole step, update
+    included (compiled_train_step). Returns the mean batch loss per model (K,), on the device."""
     n = -(-X.shape[0] // batch_size)
     total = torch.zeros(W[0].shape[0], device=W[0].device)
+    if isinstance(opt, BatchedOptimizer):
+        step = compiled_train_step if compile else eager_train_step
+        for i in range(n):
+            if before_batch is not None:
+                before_batch(i)
+            total += step(W, opt, X[i * batch_size:(i + 1) * batch_size], Y[i * batch_size:(i + 1) * batch_size],
+                          act, loss)
+        return total / n
     step = compiled_loss_and_grads if compile else loss_and_grads
     for i in range(n):
         if before_batch is not None:
@@ -82,6 +144,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def warm_up(W, opt, X, Y, act, batch_size, loss="ce"):
+    """Compile the training step for every batch shape of an epoch over X, leaving W and the
+    optimizer state as they were (a BatchedOptimizer's step is run on copies)."""
+    n = X.shape[0]
+    for size in {min(batch_size, n), n % batch_size or batch_size}:
+        if isinstance(opt, BatchedOptimizer):
+            W2 = [w.detach().clone() for w in W]
+            opt2 = BatchedOptimizer(W2, lr=opt.lr, name=opt.name)
+            compiled_train_step(W2, opt2, X[:size], Y[:size], act, loss)
+        else:
+            compiled_loss_and_grads(W, X[:size], Y[:size], act, loss)
+
+
 def fit(W, opt, data, act, epochs, batch_size, loss="ce", hook=None, desc="", progress=True,
         compile=False, resume=None, on_epoch=None):
     """Train K batched models for `epochs` epochs on data (lib.data.Data) in sequential order.
@@ -106,9 +181,7 @@ def fit(W, opt, data, act, epochs, batch_size, loss="ce", hook=None, desc="", pr
         hist = {k: list(v) if k in ("train_loss", "test_loss", "test_acc", "time_s") else v
                 for k, v in resume.items()}
     if compile:  # compile for every batch shape of the epoch before the clock starts
-        n = data.x_train.shape[0]
-        for size in {min(batch_size, n), n % batch_size or batch_size}:
-            compiled_loss_and_grads(W, data.x_train[:size], data.y_train[:size], act, loss)
+        warm_up(W, opt, data.x_train, data.y_train, act, batch_size, loss)
     elapsed = hist["time_s"][-1] if hist["time_s"] else 0.0
     bar = tqdm(range(len(hist["train_loss"]), epochs), desc=desc, disable=not progress, leave=False,
                dynamic_ncols=True, initial=len(hist["train_loss"]), total=epochs)

@@ -1,0 +1,154 @@
+"""The fast paths equal the plain ones: the batched optimizer's fused update equals torch.optim, the
+solve-based pseudo-inverse equals pinv, the teleport's closed-form ascent and move equal autograd
+through lib.actions.GLAction(46), the compiled training step equals the eager one; the CUDA path
+is chosen on CUDA only, and --device=cuda without a GPU is a one-line error."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, make_batch, make_weights
+from lib.actions import GLAction
+from lib.models import Activation, forward
+from lib.optim import make_optimizer, reset_state
+from lib.teleport import _ascent, _preacts, gl46_move, grad_norm_ascent, make_objective, pinv_rows, teleport
+from lib.train import eager_train_step, make_model, step_mode, train_epoch
+
+OPTIMIZERS = ["sgd", "momentum", "adagrad", "rmsprop", "adam"]
+
+
+def _grads(seed, W):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in W]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fused_update_equals_torch_optim(name):
+    W0 = make_weights([6, 5, 4], K=3)
+    Wt, Wb = ([w.clone().requires_grad_() for w in W0] for _ in range(2))
+    ot, ob = make_optimizer(name, Wt, 0.03), make_optimizer(name, Wb, 0.03, batched=True)
+    for t in range(6):
+        for W, opt in ((Wt, ot), (Wb, ob)):
+            for w, g in zip(W, _grads(t, W0)):
+                w.grad = g
+            opt.step()
+    for a, b in zip(Wt, Wb):
+        assert (a - b).abs().max() <= 1e-12 * a.abs().max()
+    assert max((a - w).abs().max() for a, w in zip(Wt, W0)) > 1e-3  # the weights did move
+
+
+@pytest.mark.parametrize("name", ["adam", "momentum"])
+def test_batched_optimizer_resets_some_models_alone(name):
+    # models 1:3 reset after 3 steps, then 3 more: those models equal a fresh torch optimizer started there
+    # (Adam too: the step count is per model)
+    W0 = make_weights([6, 5, 4], K=3)
+    Wb = [w.clone().requires_grad_() for w in W0]
+    ob = make_optimizer(name, Wb, 0.03, batched=True)
+    for t in range(6):
+        if t == 3:
+            reset_state(ob, slice(1, 3))
+            Wt = [w.detach()[1:3].clone().requires_grad_() for w in Wb]
+            ot = make_optimizer(name, Wt, 0.03)
+        for w, g in zip(Wb, _grads(t, W0)):
+            w.grad = g
+        ob.step()
+        if t >= 3:
+            for w, g in zip(Wt, _grads(t, W0)):
+                w.grad = g[1:3]
+            ot.step()
+    for a, b in zip(Wt, Wb):
+        assert (a - b[1:3]).abs().max() <= 1e-12 * a.abs().max()
+
+
+def test_fused_training_epoch_equals_torch_optim(leaky):
+    X, Y = make_batch(60, 6, 4)
+    for name in ("adam", "rmsprop"):
+        out = []
+        for batched in (False, True):
+            W, opt = make_model([6, 5, 4], [1, 2], name, 0.01, batched_optimizer=batched)
+            W = [w.detach().double().requires_grad_() for w in W]
+            opt = make_optimizer(name, W, 0.01, batched=batched)
+            out.append((train_epoch(W, opt, X, Y, leaky, 20), W))
+        assert torch.allclose(out[0][0], out[1][0], rtol=1e-12, atol=0)
+        assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(out[0][1], out[1][1]))
+
+
+def test_pinv_rows_equals_pinv_and_falls_back():
+    A = torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    P, solved = pinv_rows(A)
+    assert solved and torch.allclose(P, torch.linalg.pinv(A), rtol=0, atol=1e-12)
+    low = A.clone()
+    low[1, 5] = low[1, 0] + low[1, 2]  # one model of rank 5: pinv's answer, not the solve's
+    P, solved = pinv_rows(low)
+    assert not solved and torch.allclose(P, torch.linalg.pinv(low))
+    P, solved = pinv_rows(A.mT)  # more rows than columns
+    assert not solved and torch.allclose(P, torch.linalg.pinv(A.mT))
+    A32 = A.float()  # float32: the solve (in float64) is at least as close to the float64 pinv as float32 pinv is
+    ref = torch.linalg.pinv(A)
+    err = lambda P: ((P.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(pinv_rows(A32)[0]) <= max(err(torch.linalg.pinv(A32)), 1e-7)
+
+
+def _mlp_batch():
+    W = make_weights([12, 7, 5, 4], K=3)  # batch 40 > widths 7, 5: sigma(z) has full row rank
+    X, Y = make_batch(40, 12, 4)
+    return W, X, Y
+
+
+def test_closed_form_ascent_equals_autograd_through_the_action(leaky):
+    W, X, Y = _mlp_batch()
+    obj, grads = _ascent(make_objective("grad_norm", leaky), GLAction(46), W, X, Y, leaky)
+    res = grad_norm_ascent(W, forward(W[:1], X, leaky), X @ X.T, Y, leaky, "ce", [0, 1])
+    assert torch.allclose(obj, res[0], rtol=1e-12)
+    for a, b in zip(grads, res[1]):
+        assert (a - b).norm() <= 1e-10 * a.norm() and a.norm() > 0
+    Ts = [0.1 * g for g in grads]
+    moved = gl46_move(W, Ts, res[2], leaky, [0, 1])[0]
+    for a, b in zip(GLAction(46)(W, Ts, X, leaky), moved):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_fast_teleport_equals_generic(leaky):
+    W, X, Y = _mlp_batch()
+    obj = make_objective("grad_norm", leaky)
+    plain = lambda W, X, Y: obj(W, X, Y)  # noqa: E731 - no .fast: the generic path
+    Wa, ra, _ = teleport(W, X, Y, leaky, obj, GLAction(46), steps=5, lr=0.5, stop_above=100.0)
+    Wb, rb, _ = teleport(W, X, Y, leaky, plain, GLAction(46), steps=5, lr=0.5, stop_above=100.0)
+    for a, b in zip(Wa, Wb):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+    for k in ("objective_before", "objective_after", "loss_after", "algebra_norm"):
+        assert torch.allclose(torch.tensor(ra[k]), torch.tensor(rb[k]), rtol=1e-9)
+    assert (torch.tensor(ra["objective_after"]) > torch.tensor(ra["objective_before"])).all()
+
+
+def test_step_mode_selects_cuda_graphs_on_cuda_only():
+    assert step_mode("cuda") == step_mode(torch.device("cuda:0")) == "reduce-overhead"
+    assert step_mode("cpu") == "default"
+
+
+def test_eager_step_of_the_batched_optimizer_counts_steps(leaky):
+    W, opt = make_model([6, 5, 4], [1, 2], "adam", 0.01, batched_optimizer=True)
+    X, Y = make_batch(20, 6, 4, dtype=torch.float32)
+    for _ in range(3):
+        eager_train_step(W, opt, X, Y, leaky)
+    assert opt.state[W[0]]["step"].tolist() == [3.0, 3.0]
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager(leaky):
+    X, Y = make_batch(60, 6, 4, dtype=torch.float32)
+    out = []
+    for compile in (False, True):
+        W, opt = make_model([6, 5, 4], [1, 2], "adam", 0.01, batched_optimizer=True)
+        out.append((train_epoch(W, opt, X, Y, leaky, 20, compile=compile), W))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(out[0][1], out[1][1]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "teleport_optimization.py"), "--quick", "--device=cuda",
+                        f"--out-dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no CUDA GPU" in r.stderr
