@@ -178,6 +178,8 @@ def test_usage_errors():
                {"objective": "a_norm", "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}):
         with pytest.raises(UsageError):
             teleport_module(model, F.cross_entropy, x, y, **kw)
+    with pytest.raises(UsageError, match="lib.teleport.teleport"):
+        teleport_module(model, F.cross_entropy, x, y, objective="curvature")  # defined for the engine only
     with pytest.raises(UsageError):
         random_teleport_module(model, 0.1, group="gl")  # gl acts through a batch
 
@@ -202,7 +204,8 @@ def _grads(model, x, y):
 
 
 OPTS = {"sgd_momentum": (torch.optim.SGD, {"momentum": 0.9}), "adagrad": (torch.optim.Adagrad, {}),
-        "rmsprop_centered": (torch.optim.RMSprop, {"centered": True}), "adam": (torch.optim.Adam, {})}
+        "rmsprop_centered": (torch.optim.RMSprop, {"centered": True, "momentum": 0.9, "eps": 1e-30}),
+        "adam": (torch.optim.Adam, {})}
 
 
 def make_opt(name, params, lr):
@@ -211,7 +214,8 @@ def make_opt(name, params, lr):
 EXPECTED = {  # the state after one step from zero state at gradient G (lr 0: the weights stay)
     "sgd_momentum": {"momentum_buffer": lambda G: G},
     "adagrad": {"sum": lambda G: G * G},
-    "rmsprop_centered": {"square_avg": lambda G: 0.01 * G * G, "grad_avg": lambda G: 0.01 * G},
+    "rmsprop_centered": {"square_avg": lambda G: 0.01 * G * G, "grad_avg": lambda G: 0.01 * G,
+                         "momentum_buffer": lambda G: G / (0.0099 * G * G).sqrt().clamp_min(1e-30)},  # scale-free
     "adam": {"exp_avg": lambda G: 0.1 * G, "exp_avg_sq": lambda G: 0.001 * G * G}}
 
 
@@ -257,6 +261,30 @@ def test_transport_gl_pushes_first_moments_forward():
     assert not torch.allclose(opt.state[model[2].weight]["momentum_buffer"], m0["2.weight"], atol=1e-3)
 
 
+def test_transport_gl_in_teleport_module():
+    """The same for the ascent: g recovered from [V' b'] = g [V b] ([V b] has full row rank),
+    then the finite difference of eq. (46) with that g."""
+    from lib.teleport_module import gl46
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 6), nn.LeakyReLU(0.1), nn.Linear(6, 3)).to(DT)
+    x, y = batch((9,), 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    _grads(model, x, y)
+    opt.step()
+    p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    m0 = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    teleport_module(model, F.cross_entropy, x, y, group="gl", lr=0.3, steps=2, optimizer=opt, state="transport")
+    Vb = lambda P: torch.cat([P["0.weight"], P["0.bias"][:, None]], 1)  # noqa: E731
+    g = Vb(dict(model.named_parameters())).detach() @ torch.linalg.pinv(Vb(p0))
+    pair, eye, eps = Symmetry(model, "gl").parts, torch.eye(6, dtype=DT), 1e-6
+    act = lambda P: gl46(P, pair, [g - eye], [x])  # noqa: E731
+    assert all(torch.allclose(a, p) for a, p in zip(act(p0).values(), model.parameters()))  # g is the one applied
+    fd = {n: (a - b) / eps for (n, a), b in zip(act({n: p0[n] + eps * m0[n] for n in p0}).items(), act(p0).values())}
+    for n, p in model.named_parameters():
+        assert torch.allclose(opt.state[p]["momentum_buffer"], fd[n], atol=1e-6), n
+    assert (g - eye).norm() > 1e-2
+
+
 @pytest.mark.parametrize("name", OPTS)
 def test_reset_equals_fresh_optimizer_and_keep_keeps(name):
     x, y = batch((6,), 12)
@@ -292,6 +320,10 @@ def test_objectives_a_norm_log_and_sharpness_rise_and_minimize_lowers():
     opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
     _grads(model, x, y)
     opt.step()
+    G, A = _grads(model, x, y), [(opt.state[p]["sum"] + 1e-10).rsqrt() for p in model.parameters()]
+    a_norm = sum((a * g * g).sum() for a, g in zip(A, G.values()))  # App. F.1, A = (eps + G)^(-1/2)
+    rep = teleport_module(model, F.cross_entropy, x, y, steps=0, objective="a_norm", optimizer=opt, state="keep")
+    assert rep["objective_before"] == pytest.approx(float(a_norm), rel=1e-12)
     for kw in ({"objective": "a_norm", "optimizer": opt, "state": "keep", "lr": 1e-3},
                {"objective": "log_grad_norm", "lr": 0.2},
                {"objective": "sharpness", "lr": 50.0, "generator": torch.Generator().manual_seed(0),
