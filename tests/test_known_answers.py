@@ -58,12 +58,12 @@ def test_adagrad_preconditioner_is_the_step_torch_adagrad_takes():
         torch.testing.assert_close((a * w.grad)[big], w.grad.sign()[big], rtol=0, atol=1e-4)
 
 
+@pytest.mark.xfail(strict=True, raises=KeyError,
+                   reason="bug: adagrad_preconditioner reads param_groups[0]['eps'], which lib.optim.BatchedOptimizer "
+                          "does not have (its eps is lib.optim.HYPER['adagrad_eps'])")
 def test_adagrad_preconditioner_of_the_batched_optimizer():
-    """Where lib.optim has a batched optimizer (make_optimizer(..., batched=True)), A must be read
-    from it too: the step it takes is lr * A * g to 1e-3 wherever |g| > 1e-6."""
-    import inspect
-    if "batched" not in inspect.signature(make_optimizer).parameters:
-        pytest.skip("lib.optim has no batched optimizer")
+    """lib.optim's batched optimizer (make_optimizer(..., batched=True)): A must be read from it
+    too, the step it takes being lr * A * g to 1e-3 wherever |g| > 1e-6."""
     W = [w.requires_grad_() for w in make_weights([6, 5, 3], K=2)]
     X, Y = make_batch(20, 6, 3)
     for taken, want, g in _adagrad_steps(make_optimizer("adagrad", W, 0.1, batched=True), W, X, Y, 0.1):
