@@ -399,7 +399,10 @@ def teleport_module(model, loss_fn, inputs, targets, *, group="rescale", objecti
     (Sec. 3, Algorithm 1's inner loop); then the optimizer's state per `state`.
     loss_fn(model(inputs), targets) -> scalar; heldout: (inputs, targets) of a second batch.
     Returns a dict of floats and strings: objective_before/after, loss_before/after (and
-    heldout_*), size (Frobenius norm of the total algebra element), steps, time_s, notices..."""
+    heldout_*), size (Frobenius norm of the total algebra element), steps, time_s, notices...
+    The model's mode is used as it is: in train mode BatchNorm normalises with batch statistics
+    (the teleport never updates its running statistics) and Dropout draws a new mask at every
+    evaluation, so the objective is noisy; in eval mode the teleport is deterministic."""
     _check(group, objective, state, optimizer, steps, lr)
     t0 = time.perf_counter()
     sym, params, buffers = _begin(model, group)
