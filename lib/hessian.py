@@ -52,10 +52,11 @@ def top_eigenvalue(W, X, Y, act, loss="ce", iters=20, generator=None, tol=1e-7):
     full reorthogonalisation (Golub and Van Loan, Matrix Computations, Sec. 10.1) on HVPs, from
     a Gaussian start vector per model: at most min(iters, P) HVPs; stops early when every
     model's top Ritz value moved by <= tol relative in the last step. The Ritz value is a lower
-    bound that converges fast: on small MLPs it equals eigvalsh of the autograd Hessian to
-    ~1e-10 relative after 20 steps (tests/test_hessian.py), and exactly once m = P. Memory:
-    m vectors of (K, P). A Krylov space that closes early (beta = 0) continues with a random
-    vector orthogonal to it."""
+    bound that converges fast: on a 5-4-3 MLP it equals eigvalsh of autograd's Hessian to 1e-6
+    relative after 20 steps (tests/test_hessian.py), and exactly once m = P; on 784-16-10-10
+    MNIST minima (500 images, float64) 10 steps agree with 100 to 1e-10. Unlike power iteration
+    it finds the largest eigenvalue, not the largest in magnitude. Memory: m vectors of (K, P).
+    A Krylov space that closes early (beta = 0) continues with a random vector orthogonal to it."""
     hvp, K, P = hvp_fn(W, X, Y, act, loss), W[0].shape[0], sum(w[0].numel() for w in W)
     Q, alpha, beta = [], [], []
     q = _randn(K, P, W, generator)
@@ -93,7 +94,9 @@ def hessian_trace(W, X, Y, act, loss="ce", samples=100, generator=None, return_s
     """tr(H_k) per model, (K,), by Hutchinson's estimator (Hutchinson 1990): the mean over
     `samples` Rademacher vectors v (entries +-1, drawn per model) of v^T H v, which is unbiased
     with variance 2 (||H||_F^2 - sum_i H_ii^2) per sample, so exact for a diagonal H. With
-    return_se: also its standard error, the sample standard deviation / sqrt(samples), (K,)."""
+    return_se: also its standard error, the sample standard deviation / sqrt(samples), (K,).
+    On 784-16-10-10 MNIST minima one sample's standard deviation is ~35% of the trace: 20
+    samples give ~8%, 200 ~2.5%."""
     hvp, K, P = hvp_fn(W, X, Y, act, loss), W[0].shape[0], sum(w[0].numel() for w in W)
     vals = []
     for _ in range(samples):
@@ -121,10 +124,13 @@ def adaptive_sharpness(W, X, Y, act, rho, loss="ce", kind="worst", steps=10, gen
     kind='worst': max over ||u||_2 <= rho (per model, all layers) by projected normalised
     gradient ascent in u, `steps` steps of length eta (default rho) from a random u of norm rho;
     the largest loss met on the way. A lower bound of the maximum; at a minimum of a quadratic
-    it converges to rho^2 / 2 * lambda_max(D H D), D = diag(|w|).
+    it converges to rho^2 / 2 * lambda_max(D H D), D = diag(|w|); on 784-16-10-10 MNIST minima
+    (rho 0.05) 10 steps agree with 100 to 3e-5 relative.
     kind='average': the mean over `samples` draws u ~ N(0, rho^2 I) (Andriushchenko et al.'s
     average-case sharpness), whose expectation at a minimum of a quadratic is
-    rho^2 / 2 * tr(D H D)."""
+    rho^2 / 2 * tr(D H D). Mind the scales: here every weight moves by ~rho of itself,
+    ||u|| ~ rho sqrt(P), while the worst case moves all weights together by rho (P = 12,810:
+    113x further), so the two kinds want different rho."""
     W = [w.detach() for w in W]
     K, P = W[0].shape[0], sum(w[0].numel() for w in W)
     c, base = _flat(W).abs(), loss_fn(W, X, Y, act, loss)

@@ -34,18 +34,26 @@ def linear_problem(K=3, n_in=4, n_out=3, B=12, at_minimum=True, seed=0, orthogon
     return W, X, Y, torch.kron(torch.eye(n_out, dtype=torch.float64), X.T @ X)
 
 
-def full_hessian(Wk, X, Y, act, loss):
-    """Autograd's Hessian of one model's loss in its flattened weights (P, P)."""
-    shapes = [w.shape for w in Wk]
+def full_hessians(W, X, Y, act, loss):
+    """Autograd's Hessian of the summed loss of the K models in all their weights at once,
+    (K P, K P), cut into the K diagonal blocks (K, P, P): the Hessian of each model in its
+    flattened weights. Asserts that the blocks between models are zero (the premise of
+    lib.hessian: the models share nothing)."""
+    K, P = W[0].shape[0], sum(w[0].numel() for w in W)
 
     def f(flat):
+        per_model = flat.view(K, P)
         ws, i = [], 0
-        for s in shapes:
-            n = int(np.prod(s))
-            ws.append(flat[i:i + n].view(1, *s))
+        for w in W:
+            n = w[0].numel()
+            ws.append(per_model[:, i:i + n].reshape(w.shape))
             i += n
         return loss_fn(ws, X, Y, act, loss).sum()
-    return torch.autograd.functional.hessian(f, torch.cat([w.flatten() for w in Wk]))
+    x = torch.cat([w.flatten(1) for w in W], 1).flatten()
+    H = torch.autograd.functional.hessian(f, x, vectorize=True).view(K, P, K, P)
+    blocks = torch.stack([H[k, :, k] for k in range(K)])
+    assert H.abs().sum() == pytest.approx(blocks.abs().sum().item(), rel=1e-12)
+    return blocks
 
 
 def test_hvp_is_the_hessian_times_the_vector_per_model():
@@ -66,7 +74,7 @@ def test_top_eigenvalue_of_an_mlp_equals_autograd_hessian(leaky):
     value equals the largest eigenvalue of autograd's Hessian to 1e-6 relative."""
     W = make_weights([5, 4, 3], K=3, seed=1)
     X, Y = make_batch(30, 5, 3, seed=0)
-    evs = [torch.linalg.eigvalsh(full_hessian([w[k] for w in W], X, Y, leaky, "ce")) for k in range(3)]
+    evs = torch.linalg.eigvalsh(full_hessians(W, X, Y, leaky, "ce"))
     got = top_eigenvalue(W, X, Y, leaky, iters=20, generator=gen(1), tol=0)
     for k, ev in enumerate(evs):
         assert got[k] == pytest.approx(ev[-1].item(), rel=1e-6)
@@ -130,9 +138,8 @@ def test_batched_over_models_equals_one_model_at_a_time(leaky):
         assert abs(a[1] - b[1]) > 1e-6 * abs(a[1]), name  # the other models do differ
     g, P = gen(0), 32
     vs = [(2 * torch.randint(0, 2, (3, P), generator=g) - 1).double() for _ in range(4)]
-    tr = fns["trace"](W)
-    for k in range(3):
-        H = full_hessian([w[k] for w in W], X, Y, leaky, "ce")
+    tr, Hs = fns["trace"](W), full_hessians(W, X, Y, leaky, "ce")
+    for k, H in enumerate(Hs):
         assert tr[k].item() == pytest.approx(np.mean([(v[k] @ H @ v[k]).item() for v in vs]), rel=1e-10)
 
 
