@@ -2,6 +2,7 @@
 (checked by breaking it: the AdaGrad exponent -1 instead of -1/2, the held-out drift taken on the
 teleport batch, the last partial mini-batch dropped, ...). Everything in float64 where it is exact."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -274,7 +275,8 @@ def test_losses_per_model_known_answers():
                                torch.full((2,), math.log(5), dtype=torch.float64))
     out = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]], dtype=torch.float64)
     torch.testing.assert_close(losses_per_model(out, torch.tensor([0]), "ce"),
-                               torch.tensor([math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))], dtype=torch.float64))
+                               torch.tensor([math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))],
+                                            dtype=torch.float64))
     Y = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
     torch.testing.assert_close(losses_per_model(out, Y, "mse"), torch.tensor([0.5 * (1 + 1), 0.5 * (1 + 9)],
                                                                              dtype=torch.float64))
@@ -442,7 +444,8 @@ def test_failed_models_known_answers():
     W[1][2, 0, 0] = float("inf")  # non-finite weights
     assert failed_models(arm, W, rec).tolist() == [True, True, True]
     assert failed_models(arm, [torch.ones(2, 1, 1)], {"error": "pinv failed"}).tolist() == [True, True]
-    assert failed_models(arm, [torch.ones(2, 1, 1)], {"drift": [5.0, 5.0]}).tolist() == [False, False]  # no guard on perturb
+    # a perturbation has no objective: only its weights are checked
+    assert failed_models(arm, [torch.ones(2, 1, 1)], {"drift": [5.0, 5.0]}).tolist() == [False, False]
 
 
 def test_branch_copies_models_and_state_arm_major():
@@ -462,7 +465,8 @@ def test_branch_copies_models_and_state_arm_major():
 # --- lib.stats.draw_means -----------------------------------------------------------------------
 def test_draw_means_is_the_mean_over_draws_and_resumes_to_it():
     from lib.stats import draw_means
-    draw = lambda j: {"a": torch.tensor([j, 2.0 * j], dtype=torch.float32), "b": torch.tensor([1.0, j ** 2])}  # noqa: E731
+    def draw(j):
+        return {"a": torch.tensor([j, 2.0 * j], dtype=torch.float32), "b": torch.tensor([1.0, j ** 2])}
     got = draw_means(draw, 4)
     torch.testing.assert_close(got["a"], torch.tensor([1.5, 3.0], dtype=torch.float64))
     torch.testing.assert_close(got["b"], torch.tensor([1.0, 3.5], dtype=torch.float64))
@@ -489,10 +493,12 @@ def test_quadratic_record_known_answers():
     assert out["grad_norm_max_over_min_on_a_level_set"] == pytest.approx(3.0, rel=1e-12)
     rec, (x, y) = out["teleport"], (10 * 0.9 ** 5, 0.1 * 0.1 ** 5)
     assert rec["w_before"] == pytest.approx([x, y], rel=1e-12)
-    assert rec["loss_before"] == pytest.approx(f(x, y), rel=1e-12) and rec["loss_after"] == pytest.approx(f(x, y), rel=1e-12)
+    assert rec["loss_before"] == pytest.approx(f(x, y), rel=1e-12)
+    assert rec["loss_after"] == pytest.approx(f(x, y), rel=1e-12)
     assert rec["w_after"] == pytest.approx([0.0, math.sqrt(f(x, y) / 9)], rel=1e-9, abs=1e-9)
     assert rec["theta_closed_form"] == pytest.approx(rec["theta"], abs=1e-12)
-    assert rec["ratio_sq_before"] == pytest.approx(ratio_sq(x, y), rel=1e-9) and rec["ratio_sq_after"] == pytest.approx(1, abs=1e-12)
+    assert rec["ratio_sq_before"] == pytest.approx(ratio_sq(x, y), rel=1e-9)
+    assert rec["ratio_sq_after"] == pytest.approx(1, abs=1e-12)
     assert 0 < rec["ascent_steps"] <= cfg["TELEPORT_MAX_STEPS"]
     p = out["prop_3_5"]  # without teleport the ratio starts at its maximum and falls to 1/3 (the flat axis)
     assert p["max_ratio_no_teleport"] == pytest.approx(math.sqrt(ratio_sq(10.0, 0.1)), rel=1e-12)
@@ -570,7 +576,8 @@ def test_sharpness_curvature_summary_fields_known_answers():
     assert up == {"arm": "up", "test_loss": 0.85, "test_loss_std": 0.0, "dtest_paired": pytest.approx(0.05),
                   "dtest_paired_std": 0.0, "dtrain_paired": pytest.approx(-0.1), "test_acc": 90.0, "test_acc_std": 0.0,
                   "train_loss": 0.4, "gap": pytest.approx(0.45), "dphi": 0.5, "dpsi": -1.0,
-                  "dobjective_per_teleport": 1.0, "drift_per_teleport": pytest.approx(0.2), "n": 1, "of": 2, "undone": 1}
+                  "dobjective_per_teleport": 1.0, "drift_per_teleport": pytest.approx(0.2), "n": 1, "of": 2,
+                  "undone": 1}
 
 
 def test_rescaling_summary_mean_gain_and_batch_drift():
@@ -597,7 +604,8 @@ def test_random_lie_elements_psi_and_acted_pairs():
     assert [M.shape for M in random_lie_elements(W, gen(0), pairs=(-1,))] == [(4, 4)]
     X, _ = make_batch(4, 6, 3)
     draws = [random_lie_elements(W, gen(s)) for s in (1, 2)]
-    torch.testing.assert_close(psi(W, X, ACT, draws), (curvature(W, X, ACT, draws[0]) + curvature(W, X, ACT, draws[1])) / 2)
+    mean = (curvature(W, X, ACT, draws[0]) + curvature(W, X, ACT, draws[1])) / 2
+    torch.testing.assert_close(psi(W, X, ACT, draws), mean)
     assert GLAction(46, pairs=(-1, 0)).acted_pairs(W) == [0, 1] and GLAction(54).acted_pairs(W) == [0, 1]
     assert GLAction(46, pairs=(-1,)).algebra_shapes(W) == [(2, 4, 4)]
     assert RescaleAction().algebra_shapes(W) == [(2, 5), (2, 4)]
@@ -615,3 +623,42 @@ def test_transport_of_some_models_replaces_only_their_first_moments():
     apply_strategy(opt, W, "transport", new, models=slice(1, 2))
     for b, a in zip(before, first_moments(opt, W)):
         assert torch.equal(a[1], torch.full_like(a[1], 7.0)) and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+
+
+# --- small helpers of lib.config, lib.data, lib.io, lib.progress ---------------------------------
+def test_config_data_io_progress_helpers(tmp_path):
+    import gzip
+
+    from lib.config import UsageError, check_choice, check_positive
+    from lib.data import read_idx
+    from lib.io import experiment_dirs, load_results, save_text
+    from lib.progress import settings_key
+    check_choice("optimizer", "sgd", ["sgd", "adam"])
+    with pytest.raises(UsageError, match=r"^unknown optimizer 'lbfgs'; known: sgd, adam$"):
+        check_choice("optimizer", "lbfgs", ["sgd", "adam"])
+    check_positive("lr", 0.0)
+    with pytest.raises(UsageError, match=r"^lr must be > 0, got 0.0$"):
+        check_positive("lr", 0.0, allow_zero=False)
+    with pytest.raises(UsageError, match=r"^lr must be >= 0, got -1$"):
+        check_positive("lr", -1)
+    # an IDX file: magic 0x00000803 (3-d uint8), the dims big-endian, then the bytes
+    data = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    blob = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in data.shape) + data.tobytes()
+    (tmp_path / "x-idx3-ubyte").write_bytes(blob)
+    with gzip.open(tmp_path / "x-idx3-ubyte.gz", "wb") as fh:
+        fh.write(blob)
+    for name in ("x-idx3-ubyte", "x-idx3-ubyte.gz"):
+        assert np.array_equal(np.asarray(read_idx(tmp_path / name, (3, 4))), data)
+    assert save_text(str(tmp_path / "a.md"), "# t\n") == str(tmp_path / "a.md")
+    assert (tmp_path / "a.md").read_text() == "# t\n"
+    (tmp_path / "r.json").write_text('{"a": [1, null]}')
+    assert load_results(str(tmp_path / "r.json")) == {"a": [1, None]}
+    with pytest.raises(UsageError, match="no saved results"):
+        load_results(str(tmp_path / "missing.json"))
+    figs, res = experiment_dirs("optimization", str(tmp_path))
+    assert (figs, res) == (str(tmp_path / "figures" / "optimization"), str(tmp_path / "results" / "optimization"))
+    assert os.path.isdir(figs) and os.path.isdir(res)
+    # settings that do not change the numbers (plumbing) do not change the checkpoint's key
+    cfg = {"LR": 0.1, "EPOCHS": 3, "OUT_DIR": "a", "PROGRESS": True}
+    assert settings_key(cfg) == settings_key({**cfg, "OUT_DIR": "b", "PROGRESS": False})
+    assert settings_key(cfg) != settings_key({**cfg, "LR": 0.2})
