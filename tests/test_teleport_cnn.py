@@ -185,9 +185,9 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, capsys, monkeypat
     shutil.copytree(whole, out)
     previous, evaluate, calls = _files(out), script.evaluate, []
 
-    def stop(*a):  # 3 evaluations per unit (before training, after each epoch): the 12th ends unit 4's epoch 2
-        calls.append(1)
-        if len(calls) == 12:
+    def stop(*a):  # 3 evaluations per unit (before training, after each epoch): the 15th ends unit 5's epoch 2
+        calls.append(1)  # (units: baseline, teleport, random-teleport of run 0, then of run 1)
+        if len(calls) == 15:
             raise KeyboardInterrupt
         return evaluate(*a)
     monkeypatch.setattr(script, "evaluate", stop)
@@ -203,7 +203,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, capsys, monkeypat
         script.main(resolve(script, args))
     finally:
         lib.progress.ACTIVE.clear()
-    assert "resuming" in capsys.readouterr().err and built == [0, 0, 1, 0, 1]  # architecture, warm-up, teleport run 1, random 0, 1
+    assert "resuming" in capsys.readouterr().err and built == [0, 0, 1, 1]  # architecture, warm-up, teleport and random-teleport of run 1
     assert not (out / ".progress" / "teleport_cnn-MNIST.pt").exists()
     a, b = _saved(whole, "adam")["arms"], _saved(out, "adam")["arms"]
     timing = {"time_s", "wall_s", "cost_steps"}
@@ -258,3 +258,19 @@ def test_defaults_are_the_documented_protocol():
         check_replace(committed, script.saved_config(cfg))
         with pytest.raises(UsageError, match="EPOCHS=3"):
             check_replace(committed, script.saved_config({**cfg, "EPOCHS": 3}))
+
+
+@pytest.mark.slow
+def test_quick_run_as_a_subprocess(tmp_path):
+    """The command as a user types it: --quick on fake MNIST files into a temp dir, exit 0, the
+    outputs there, the progress file gone."""
+    import subprocess
+    write_fake(tmp_path / "data", "MNIST", n_train=96, n_test=48, seed=2)
+    out = subprocess.run([sys.executable, "teleport_cnn.py", "--quick", f"--data-dir={tmp_path / 'data'}",
+                          f"--out-dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| teleport − reset-only |" in out.stdout and "optimizer steps of" in out.stdout
+    names = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert names == sorted([f"MNIST_{o}_loss_vs_{k}.png" for o in ("momentum", "adam") for k in ("epoch", "time")]
+                           + ["MNIST_momentum.json", "MNIST_adam.json", "MNIST_summary.json", "MNIST_summary.md"])
