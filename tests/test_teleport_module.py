@@ -296,7 +296,9 @@ def test_reset_equals_fresh_optimizer_and_keep_keeps(name):
             _grads(model, x, y)
             opt.step()
         kept = copy.deepcopy(opt.state_dict()["state"])
-        rep = teleport_module(model, F.cross_entropy, x, y, lr=0.05, steps=3, optimizer=opt, state=state)
+        rep = teleport_module(model, F.cross_entropy, x, y, objective="log_grad_norm", lr=0.1, steps=3,
+                              optimizer=opt, state=state)
+        assert rep["steps"] == 3 and not rep["notices"]
         assert rep["size"] > 1e-3
         if state == "reset":
             assert len(opt.state) == 0
