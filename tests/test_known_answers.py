@@ -685,3 +685,26 @@ def test_config_data_io_progress_helpers(tmp_path):
     cfg = {"LR": 0.1, "EPOCHS": 3, "OUT_DIR": "a", "PROGRESS": True}
     assert settings_key(cfg) == settings_key({**cfg, "OUT_DIR": "b", "PROGRESS": False})
     assert settings_key(cfg) != settings_key({**cfg, "LR": 0.2})
+
+
+# --- lib.teleport_module: its held-out drift too is measured on the held-out batch ----------------
+def test_teleport_module_measures_the_drift_on_the_heldout_batch():
+    """group='gl' (eq. 46 on Linear -> LeakyReLU -> Linear) on a batch of 4 <= the hidden width 8:
+    exact on that batch, not on another one; both records against the losses recomputed."""
+    from lib.teleport_module import teleport_module
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LeakyReLU(0.1), torch.nn.Linear(8, 3)).double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    X, Y = make_batch(4, 6, 3)
+    Xh, Yh = make_batch(30, 6, 3, seed=4)
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        want = {"loss_before": ce(model(X), Y), "heldout_loss_before": ce(model(Xh), Yh)}
+    rec = teleport_module(model, ce, X, Y, group="gl", steps=3, lr=0.5, heldout=(Xh, Yh))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        want.update(loss_after=ce(model(X), Y), heldout_loss_after=ce(model(Xh), Yh))
+    for k, v in want.items():
+        assert rec[k] == pytest.approx(float(v), rel=1e-12), k
+    assert abs(rec["loss_after"] - rec["loss_before"]) < 1e-10
+    assert abs(rec["heldout_loss_after"] - rec["heldout_loss_before"]) > 1e-4
