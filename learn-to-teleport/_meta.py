@@ -99,190 +99,282 @@ def update(method, nets, W, grads, states, X, act, cfg):
 
 
 # The manual meta-gradient (BACKPROP='manual'): the same steps as `update`, no autograd graph
-def lstm_weights(net):
-    """A MetaLSTM's weights as plain tensors for one unroll (Adam moves them only between
-    unrolls): per layer (W_ih (4H, n_in), W_hh (4H, H), b_ih + b_hh (4H,)), per head (W, b)."""
-    layers = [(c.weight_ih.detach(), c.weight_hh.detach(), (c.bias_ih + c.bias_hh).detach()) for c in net.cells]
-    return layers, {k: (h.weight.detach(), h.bias.detach()) for k, h in net.heads.items()}
+class LSTMGroup:
+    """MetaLSTMs `nets` (a list; equal hidden sizes) stepped together without autograd during
+    one unroll (Adam moves their weights only between unrolls), each with its own weights and
+    input, their gate arithmetic as one tensor (N nets, K trajectories): torch.nn.LSTMCell's
+    equations, gates i, f, g, o, c' = f c + i g, h' = o tanh(c'). State (h, c): (2 layers, N, K, H)
+    each. `step` records what `backward` needs."""
+
+    def __init__(self, nets):
+        self.nets, self.H, self.tape = nets, nets[0].hidden, []
+        self.layers = [[(c.weight_ih.detach(), c.weight_hh.detach(), (c.bias_ih + c.bias_hh).detach())
+                        for c in net.cells] for net in nets]
+        self.heads = [{k: (h.weight.detach(), h.bias.detach()) for k, h in net.heads.items()} for net in nets]
+        self.fwd = [[(W_ih.T, W_hh.T, b) for W_ih, W_hh, b in layers] for layers in self.layers]  # x W^T
+        self.fwd_heads = [{k: (W.T, b) for k, (W, b) in heads.items()} for heads in self.heads]
+
+    def step(self, xs, state, record=True):
+        """xs: per net its input (K, n_in); state (h, c) -> ([{head: (K, out)}] per net, new state)."""
+        (h0, c0), H = state, self.H
+        N, K = h0.shape[1:3]
+        inp, hs, cs, rec = xs, [], [], []
+        for j in range(h0.shape[0]):
+            a = torch.empty(N, K, 4 * H, dtype=h0.dtype, device=h0.device)
+            for n, layers in enumerate(self.fwd):
+                W_ih_T, W_hh_T, b = layers[j]
+                torch.addmm(b, inp[n], W_ih_T, out=a[n]).addmm_(h0[j, n], W_hh_T)
+            g = a[..., 2 * H:3 * H].tanh()
+            a = a.sigmoid_()
+            a[..., 2 * H:3 * H] = g
+            c = torch.addcmul(a[..., H:2 * H] * c0[j], a[..., :H], g)
+            tc = c.tanh()
+            h = a[..., 3 * H:] * tc
+            rec.append((inp, h0[j], c0[j], a, tc))
+            hs.append(h)
+            cs.append(c)
+            inp = h
+        if record:
+            self.tape.append((rec, inp))
+        outs = [{k: torch.addmm(b, inp[n], W_T) for k, (W_T, b) in heads.items()}
+                for n, heads in enumerate(self.fwd_heads)]
+        return outs, (torch.stack(hs), torch.stack(cs))
+
+    def factors(self, j):
+        """Layer j's gate derivatives over all recorded steps at once, (S, N, K, 4H): dgates =
+        M [dc', dc', dc', dh'] (dc'/di = g, dc'/df = c, dc'/dg = i, dh'/do = tanh(c'), times
+        sigmoid' = s (1 - s), tanh' = 1 - g^2); q = o (1 - tanh(c')^2), the forget gates f."""
+        H = self.H
+        a, c, tc = (torch.stack([r[0][j][i] for r in self.tape]) for i in (3, 2, 4))
+        i, f, g, o = (a[..., k * H:(k + 1) * H] for k in range(4))
+        M = a * (1 - a)
+        M[..., 2 * H:3 * H] = 1 - g * g
+        M *= torch.cat([g, c, i, tc], -1)
+        return M, o * (1 - tc * tc), f
+
+    def backward(self, d_out):
+        """Back-propagation through the recorded steps, given the gradients d_out[t][n] {head:
+        (K, out)} of the meta-loss w.r.t. each step's outputs; the state before the first step is a
+        constant (truncated back-propagation). Writes the parameters' .grad, each weight's summed
+        over the steps as one product (steps K, 4H)^T (steps K, n_in)."""
+        S, L, H = len(self.tape), len(self.layers[0]), self.H
+        N, K = self.tape[0][1].shape[:2]
+        fac = [self.factors(j) for j in range(L)]
+        dh = [torch.zeros_like(self.tape[0][1]) for _ in range(L)]
+        dc = [torch.zeros_like(self.tape[0][1]) for _ in range(L)]
+        dG = [[None] * S for _ in range(L)]
+        for t in range(S - 1, -1, -1):
+            d = torch.empty_like(dh[0])  # d(meta)/dh' of the top layer: the heads, then the next step
+            for n, heads in enumerate(self.heads):
+                d[n] = dh[L - 1][n]
+                for k, dy in d_out[t][n].items():
+                    d[n].addmm_(dy, heads[k][0])
+            for j in range(L - 1, -1, -1):
+                M, q, f = fac[j]
+                dc_j = torch.addcmul(dc[j], d, q[t])
+                G = M[t] * torch.cat([dc_j, dc_j, dc_j, d], -1)
+                dG[j][t], dc[j] = G, dc_j * f[t]
+                new_dh = torch.empty_like(d)
+                below = torch.empty_like(d) if j else None  # d(meta)/dh' of layer j - 1: its input and next step
+                for n, layers in enumerate(self.layers):
+                    torch.mm(G[n], layers[j][1], out=new_dh[n])
+                    if j:
+                        torch.addmm(dh[j - 1][n], G[n], layers[j][0], out=below[n])
+                dh[j], d = new_dh, below
+        for j in range(L):
+            G = torch.stack(dG[j], 1)  # (N, S, K, 4H)
+            x = [torch.cat([r[0][j][0][n] for r in self.tape]) for n in range(N)]
+            h = torch.stack([r[0][j][1] for r in self.tape], 1)
+            for n, net in enumerate(self.nets):
+                Gn, cell = G[n].reshape(S * K, 4 * H), net.cells[j]
+                cell.weight_ih.grad, cell.weight_hh.grad = Gn.T @ x[n], Gn.T @ h[n].reshape(S * K, H)
+                cell.bias_ih.grad = Gn.sum(0)
+                cell.bias_hh.grad = cell.bias_ih.grad.clone()
+        top = torch.stack([r[1] for r in self.tape], 1)
+        for n, net in enumerate(self.nets):
+            for k, head in net.heads.items():
+                dy = torch.cat([d_out[t][n][k] for t in range(S)])
+                head.weight.grad, head.bias.grad = dy.T @ top[n].reshape(S * K, H), dy.sum(0)
 
 
-def lstm_step(weights, x, state, tape=None):
-    """MetaLSTM.forward without autograd (torch.nn.LSTMCell's equations, gates i, f, g, o):
-    c' = f c + i g, h' = o tanh(c'). x: (K, n_in), state (h, c): (2, K, H) each ->
-    ({head: (K, out)}, new state). With a list `tape`, appends per layer what `lstm_backward`
-    needs: the input, h, the gate derivatives M (K, 4, H) with dgates = M dc' for i, f, g and
-    M dh' for o, f, and o (1 - tanh(c')^2)."""
-    layers, heads = weights
-    new_h, new_c, rec = [], [], []
-    for (W_ih, W_hh, b), h, c in zip(layers, *state):
-        K, H = h.shape
-        a = torch.addmm(b, x, W_ih.T).addmm_(h, W_hh.T).view(K, 4, H)
-        g = a[:, 2].tanh()
-        a = a.sigmoid_()
-        a[:, 2] = g
-        i, f, o = a[:, 0], a[:, 1], a[:, 3]
-        c_new = torch.addcmul(f * c, i, g)
-        tc = c_new.tanh()
-        h_new = o * tc
-        if tape is not None:
-            M = a * (1 - a)  # sigmoid' = s (1 - s); for g: tanh' = 1 - g^2
-            M[:, 2] = 1 - g * g
-            M *= torch.stack([g, c, i, tc], 1)  # dc'/di = g, dc'/df = c, dc'/dg = i; dh'/do = tanh(c')
-            rec.append((x, h, M, f, o * (1 - tc * tc)))
-        new_h.append(h_new)
-        new_c.append(c_new)
-        x = h_new
-    if tape is not None:
-        tape.append((rec, x))
-    return {k: torch.addmm(b, x, W.T) for k, (W, b) in heads.items()}, (torch.stack(new_h), torch.stack(new_c))
+def series_order(tau, dtype):
+    """Terms n of the Neumann series (I + T)^-1 = I - T + T^2 - ... + (-T)^n for |T|_F = tau:
+    the smallest n whose remainder bound tau^(n+1) / (1 - tau) is below a quarter of dtype's
+    eps (float32: n = 3, float64: n = 8 at tau = 0.01); None for tau >= 0.5."""
+    if tau >= 0.5:
+        return None
+    eps, n = torch.finfo(dtype).eps / 4, 1
+    while tau ** (n + 1) / (1 - tau) > eps:
+        n += 1
+    return n
 
 
-def lstm_backward(net, weights, tape, d_out):
-    """Back-propagation through the steps of `tape` (lstm_step) with the gradients d_out[t]
-    {head: (K, out)} of the meta-loss w.r.t. each step's outputs; the state before the first step
-    is a constant (truncated back-propagation). Writes the gradients into the parameters' .grad:
-    each weight's summed over the steps as one product (steps*K, 4H)^T (steps*K, n_in)."""
-    layers, heads = weights
-    n, (rec0, top0) = len(tape), tape[0]
-    K, H = top0.shape
-    dh = [torch.zeros(K, H, dtype=top0.dtype, device=top0.device) for _ in layers]
-    dc = [torch.zeros_like(dh[0]) for _ in layers]
-    dG = [[None] * n for _ in layers]
-    for t in range(n - 1, -1, -1):
-        rec, top = tape[t]
-        below = dh[-1]
-        for k, dy in d_out[t].items():
-            below = torch.addmm(below, dy, heads[k][0])
-        for j in range(len(layers) - 1, -1, -1):
-            _, h, M, f, q = rec[j]
-            d = below if j == len(layers) - 1 else below + dh[j]
-            dc_j = torch.addcmul(dc[j], d, q)  # through h' = o tanh(c'), plus c' of the next step
-            G = M * dc_j.unsqueeze(1)
-            G[:, 3] = M[:, 3] * d
-            G = G.view(K, 4 * H)
-            dG[j][t], dc[j] = G, dc_j * f
-            dh[j] = G @ layers[j][1]
-            if j:
-                below = G @ layers[j][0]
-    for j, cell in enumerate(net.cells):
-        G = torch.cat(dG[j])
-        x = torch.cat([tape[t][0][j][0] for t in range(n)])
-        h = torch.cat([tape[t][0][j][1] for t in range(n)])
-        cell.weight_ih.grad, cell.weight_hh.grad = G.T @ x, G.T @ h
-        cell.bias_ih.grad = G.sum(0)
-        cell.bias_hh.grad = cell.bias_ih.grad.clone()
-    top = torch.cat([tape[t][1] for t in range(n)])
-    for k, head in net.heads.items():
-        dy = torch.cat([d_out[t][k] for t in range(n)])
-        head.weight.grad, head.bias.grad = dy.T @ top, dy.sum(0)
+def inverse(T, order):
+    """(I + T)^-1 for T (K, d, d): the Neumann series to `order` by Horner's rule, I - T (I - T (...)),
+    or torch.linalg.inv for order None."""
+    eye = torch.eye(T.shape[-1], dtype=T.dtype, device=T.device)
+    if order is None:
+        return torch.linalg.inv(eye + T)
+    r = eye - T
+    for _ in range(order - 1):
+        r = torch.baddbmm(eye, T, r, alpha=-1)
+    return r
 
 
 class Unroll:
     """UNROLL steps of Algorithm 1 (as `update`, for every method but GD) recorded for
     `backward`. W: [W1, W2] (K, d, d) at the unroll's start (constants), grads their gradients,
     states the LSTM states, X (K, n, d) the data and Xp = pinv(X^T) (K, n, d), computed once per
-    trajectory."""
+    trajectory. With record=False (testing) nothing is kept for `backward`."""
 
-    def __init__(self, method, nets, W, grads, states, X, Xp, act, cfg):
-        self.method, self.nets, self.act, self.cfg, self.Xp = method, nets, act, cfg, Xp
-        self.weights = {k: lstm_weights(net) for k, net in nets.items()}
-        self.tapes, self.steps = {k: [] for k in nets}, []
-        self.W, self.grads, self.states, self.h0 = W, grads, states, X.mT
+    def __init__(self, method, nets, W, grads, states, X, Xp, act, cfg, record=True):
+        self.method, self.nets, self.act, self.cfg, self.Xp, self.record_ = method, nets, act, cfg, Xp, record
+        self.keys, self.group, self.steps = list(nets), LSTMGroup(list(nets.values())), []
+        self.state = tuple(torch.stack([states[k][i] for k in self.keys], 1) for i in range(2))  # (2, N, K, H)
+        self.W, self.grads, self.h0 = W, grads, X.mT
+        self.order = series_order(cfg["T_NORM"], W[0].dtype) if cfg["INVERSE"] == "exact" else None
+
+    @property
+    def states(self):
+        """The LSTM states as `update` keeps them: {net: (h, c)}, (2, K, H) each."""
+        return {k: (self.state[0][:, n], self.state[1][:, n]) for n, k in enumerate(self.keys)}
 
     def step(self):
         """One step from the current W; returns the new weights (the caller computes their loss
-        and gradients and hands them on with `record`)."""
+        and gradients and hands them on with `record`) and the step size of lr_tele (K,) or None."""
         W, grads, K, cfg = self.W, self.grads, self.W[0].shape[0], self.cfg
-        rec, new_states = {"W": W, "grads": grads}, dict(self.states)
-        if "m1" in self.nets:  # m1 reads (grad W1, grad W2), m2 (grad W2, grad W1), as `update`
-            out, new_states["m1"] = lstm_step(self.weights["m1"], torch.cat([g.flatten(1) for g in grads], 1),
-                                              self.states["m1"], self.tapes["m1"])
-            f = out["f"].view(K, 2, *W[0].shape[1:])
+        x = {"m1": torch.cat([g.flatten(1) for g in grads], 1)}  # m1 reads (grad W1, grad W2), m2 the reverse
+        x["m2"] = torch.cat([x["m1"][:, grads[0][0].numel():], x["m1"][:, :grads[0][0].numel()]], 1)
+        outs, self.state = self.group.step([x[k] for k in self.keys], self.state, self.record_)
+        out, rec, eta = dict(zip(self.keys, outs)), {"grads": grads}, None
+        if "m1" in out:
+            f = out["m1"]["f"].view(K, 2, *W[0].shape[1:])
             W = [W[0] + f[:, 0], W[1] + f[:, 1]]
-        if "m2" in self.nets:
-            out, new_states["m2"] = lstm_step(self.weights["m2"], torch.cat([g.flatten(1) for g in grads[::-1]], 1),
-                                              self.states["m2"], self.tapes["m2"])
+        if "m2" in out:
             if self.method == "lr_tele":
                 lo, hi = cfg["STEP_CLAMP"]
-                rec["eta_raw"] = e = out["eta"].view(K)
+                rec["eta_raw"] = e = out["m2"]["eta"].view(K)
                 eta = e.clamp(lo, hi) if cfg["ETA_PARAM"] == "clamp" else lo + (hi - lo) * torch.sigmoid(e)
                 W = [w - eta.view(K, 1, 1) * g for w, g in zip(W, grads)]
             rec["U"] = W
-            W = self.teleport(W, out["T"], rec)
-        self.states = new_states
-        self.steps.append(rec)
-        return W
+            W = self.teleport(W, out["m2"]["T"], rec)
+        if self.record_:
+            self.steps.append(rec)
+        return W, eta
 
     def record(self, W, grads):
         """The new weights' gradients: the next step's LSTM input and, / K, the gradient of its
         term mean_k L_k(w_{t+1}) of the meta-loss."""
-        self.steps[-1]["dL"] = grads
+        if self.record_:
+            self.steps[-1]["dL"] = grads
         self.W, self.grads = W, grads
 
     def teleport(self, U, T_raw, rec):
         """learned_teleport: W2 <- U2 g^-1, W1 <- s^-1(g s(U1 X^T)) X^+ with g = I + T,
-        T = T_NORM T_raw / |T_raw| (the authors' W2 (I - T) with INVERSE='neumann')."""
+        T = T_NORM T_raw / |T_raw|; g^-1 by the Neumann series to below rounding (`series_order`)
+        with INVERSE='exact', the authors' first-order I - T with 'neumann'."""
         K, d = U[0].shape[:2]
         r = T_raw.view(K, d, d)
         nr = r.flatten(1).norm(dim=1).clamp_min(1e-30).view(K, 1, 1)
-        T = r / nr * self.cfg["T_NORM"]
-        g = torch.eye(d, dtype=T.dtype, device=T.device) + T
-        g_inv = torch.linalg.inv(g) if self.cfg["INVERSE"] == "exact" else 2 * torch.eye(d, dtype=T.dtype) - g
+        T = r * (self.cfg["T_NORM"] / nr)
+        g_inv = inverse(T, self.order) if self.cfg["INVERSE"] == "exact" else -T + torch.eye(d, dtype=T.dtype)
         z = U[0] @ self.h0
         a = self.act(z)
-        b = g @ a
-        rec.update(r=r, nr=nr, g=g, g_inv=g_inv, z=z, a=a, b=b)
+        b = torch.baddbmm(a, T, a)  # g a = a + T a
+        rec.update(r=r, nr=nr, T=T, g_inv=g_inv, z=z, a=a, b=b)
         return [self.act.inverse(b) @ self.Xp, U[1] @ g_inv]
 
     def backward(self):
         """d(meta-loss)/d(LSTM parameters) into their .grad, meta-loss = sum_t mean_k L_k(w_{t+1}):
         through the weight chain from the last step back (dA: the gradient w.r.t. w_{t+1}), the
-        output gradients of every step collected, then `lstm_backward`."""
+        output gradients of every step collected, then LSTMGroup.backward."""
         cfg, K, slope = self.cfg, self.W[0].shape[0], self.act.slope
-        dA, d_out = [torch.zeros_like(w) for w in self.W], {k: [None] * len(self.steps) for k in self.nets}
+        dA, d_out = [torch.zeros_like(w) for w in self.W], [{} for _ in self.steps]
         for t in range(len(self.steps) - 1, -1, -1):
             s = self.steps[t]
             dA = [a + g / K for a, g in zip(dA, s["dL"])]
             if "m2" in self.nets:
-                g, g_inv, U = s["g"], s["g_inv"], s["U"]
+                g_inv, U = s["g_inv"], s["U"]
                 dV = dA[0] @ self.Xp.mT
                 dV = torch.where(s["b"] > 0, dV, dV / slope)  # through s^-1(b) X^+
-                dz = (g.mT @ dV) * self.act.derivative(s["z"])
+                dz = torch.baddbmm(dV, s["T"].mT, dV)  # g^T dV
+                dz = torch.where(s["z"] > 0, dz, dz * slope)
                 dU = [dz @ self.h0.mT, dA[1] @ g_inv.mT]
                 d_ginv = U[1].mT @ dA[1]
-                dT = dV @ s["a"].mT + (-g_inv.mT @ d_ginv @ g_inv.mT if cfg["INVERSE"] == "exact" else -d_ginv)
+                dT = dV @ s["a"].mT - (g_inv.mT @ d_ginv @ g_inv.mT if cfg["INVERSE"] == "exact" else d_ginv)
                 rhat = s["r"] / s["nr"]  # through T = T_NORM r / |r|
                 dr = (dT - rhat * (rhat * dT).sum((1, 2), keepdim=True)) * (cfg["T_NORM"] / s["nr"])
-                d_out["m2"][t] = {"T": dr.flatten(1)}
+                d_out[t]["m2"] = {"T": dr.flatten(1)}
                 if self.method == "lr_tele":
                     lo, hi = cfg["STEP_CLAMP"]
                     e = s["eta_raw"]
                     d_eta = -sum((u * g_).sum((1, 2)) for u, g_ in zip(dU, s["grads"]))
                     d_eta = d_eta * (((e >= lo) & (e <= hi)).to(e.dtype) if cfg["ETA_PARAM"] == "clamp"
                                      else (hi - lo) * torch.sigmoid(e) * (1 - torch.sigmoid(e)))
-                    d_out["m2"][t]["eta"] = d_eta.view(K, 1)
+                    d_out[t]["m2"]["eta"] = d_eta.view(K, 1)
                 dA = dU
             if "m1" in self.nets:
-                d_out["m1"][t] = {"f": torch.cat([a.flatten(1) for a in dA], 1)}
-        for k, net in self.nets.items():
-            lstm_backward(net, self.weights[k], self.tapes[k], d_out[k])
+                d_out[t]["m1"] = {"f": torch.cat([a.flatten(1) for a in dA], 1)}
+        self.group.backward([[d[k] for k in self.keys] for d in d_out])
+
+
+def meta_adam(nets, cfg):
+    """torch.optim.Adam over the LSTMs, lr M1_LR for m1 and M2_LR for m2 (Adam acts per
+    parameter: as one Adam per LSTM); fused with BACKPROP='manual'."""
+    return torch.optim.Adam([{"params": net.parameters(), "lr": cfg["M1_LR"] if k == "m1" else cfg["M2_LR"]}
+                             for k, net in nets.items()], fused=cfg["BACKPROP"] == "manual" or None)
+
+
+def trajectory(method, nets, opt, W, X, Y, act, cfg):
+    """Meta-train on one batch of problems W, X, Y (K trajectories, STEPS steps): after every
+    UNROLL steps the meta-loss sum_{t in unroll} mean_k L(w_{t+1}) is back-propagated through the
+    updates and teleports into the LSTMs (by hand, `Unroll`, or by autograd through `update`:
+    BACKPROP), `opt` steps, and weights and LSTM states are detached. Returns the losses
+    (steps done, K) and, if the meta-loss turned non-finite (no Adam step, the batch ends there),
+    the first step with a non-finite loss (the unroll's last if only the sum overflowed), else None."""
+    manual, losses = cfg["BACKPROP"] == "manual", []
+    states = {k: net.zero_state(W[0].shape[0], W[0]) for k, net in nets.items()}
+    Xp = torch.linalg.pinv(X.mT) if manual else None  # X^+ of eq. (54), once per trajectory
+    for _ in range(cfg["STEPS"] // cfg["UNROLL"]):
+        W = [w.detach() for w in W]
+        states = {k: tuple(s.detach() for s in v) for k, v in states.items()}
+        grads, meta = loss_and_grads(W, X, Y, act, "mse")[1], 0.0
+        with torch.set_grad_enabled(not manual):
+            unroll = Unroll(method, nets, W, grads, states, X, Xp, act, cfg) if manual else None
+            for _ in range(cfg["UNROLL"]):
+                if manual:
+                    W = unroll.step()[0]
+                    loss, grads = loss_and_grads(W, X, Y, act, "mse")
+                    unroll.record(W, grads)
+                else:
+                    W, states, _ = update(method, nets, W, grads, states, X, act, cfg)
+                    loss, grads = loss_fn(W, X, Y, act, "mse"), loss_and_grads(W, X, Y, act, "mse")[1]
+                meta = meta + loss.mean()
+                losses.append(loss.detach())
+            if not torch.isfinite(meta):
+                bad = (~torch.isfinite(torch.stack(losses))).any(1).nonzero()
+                return torch.stack(losses), int(bad[0]) + 1 if len(bad) else len(losses)
+            if manual:
+                states = unroll.states
+                unroll.backward()  # writes every parameter's .grad
+            else:
+                opt.zero_grad()
+                meta.backward()
+        opt.step()
+    return torch.stack(losses), None
 
 
 def train(method, nets, cfg, act, seeds, draw, ckpt=None, label=None, progress=False):
     """Meta-training (Section 5.2) on the problems draw(seeds[b:b + BATCH]) -> W, X, Y, one batch
-    of trajectories of STEPS steps at a time; after every UNROLL steps the meta-loss
-    sum_{t in unroll} mean_k L(w_{t+1}) (lib.models.loss_fn) is back-propagated through the updates
-    and teleports into the LSTMs, Adam (lr M1_LR for m1, M2_LR for m2) steps, and weights and LSTM
-    states are detached. The gradients enter the LSTMs as constants (no second derivatives, as in
+    of trajectories at a time (`trajectory`: truncated back-propagation, Adam lr M1_LR for m1,
+    M2_LR for m2). The gradients enter the LSTMs as constants (no second derivatives, as in
     Andrychowicz et al. and the authors' code): lib.models.loss_and_grads makes no graph. A
     non-finite meta-loss skips the Adam step and ends that batch (hist["diverged"]: [its first
     trajectory, the first step with a non-finite loss, or the unroll's last if only the sum
     overflowed]). With a lib.progress.Checkpoint `ckpt`, LSTMs, Adam states, RNG state and history
     are saved after a batch (at most every CHECKPOINT_S s) and resumed from. `label` names the
     method in the tqdm bar (shown if `progress`) and in the checkpoint."""
-    manual = cfg["BACKPROP"] == "manual"
-    opt = torch.optim.Adam([{"params": net.parameters(), "lr": cfg["M1_LR"] if k == "m1" else cfg["M2_LR"]}
-                            for k, net in nets.items()], fused=manual or None)  # per parameter: one Adam per LSTM
+    opt = meta_adam(nets, cfg)
     hist = {"mean_loss": [], "final_loss": [], "diverged": [], "batch": cfg["BATCH"], "seeds": seeds, "time_s": 0.0}
     B, start, cur, label = cfg["BATCH"], 0, ckpt and ckpt.current, label or method
     if cur and cur["unit"] == method:  # resume the interrupted training of this method
@@ -294,36 +386,9 @@ def train(method, nets, cfg, act, seeds, draw, ckpt=None, label=None, progress=F
     bar = tqdm(range(start, len(seeds), B), desc=f"train {label}", disable=not progress)
     for b in bar:
         W, X, Y = draw(seeds[b:b + B], cfg)
-        states, losses = {k: net.zero_state(W[0].shape[0], W[0]) for k, net in nets.items()}, []
-        Xp = torch.linalg.pinv(X.mT) if manual else None  # X^+ of eq. (54), once per trajectory
-        for _ in range(cfg["STEPS"] // cfg["UNROLL"]):
-            W = [w.detach() for w in W]
-            states = {k: tuple(s.detach() for s in v) for k, v in states.items()}
-            grads, meta = loss_and_grads(W, X, Y, act, "mse")[1], 0.0
-            with torch.set_grad_enabled(not manual):
-                unroll = Unroll(method, nets, W, grads, states, X, Xp, act, cfg) if manual else None
-                for _ in range(cfg["UNROLL"]):
-                    if manual:
-                        W = unroll.step()
-                        loss, grads = loss_and_grads(W, X, Y, act, "mse")
-                        unroll.record(W, grads)
-                    else:
-                        W, states, _ = update(method, nets, W, grads, states, X, act, cfg)
-                        loss, grads = loss_fn(W, X, Y, act, "mse"), loss_and_grads(W, X, Y, act, "mse")[1]
-                    meta = meta + loss.mean()
-                    losses.append(loss.detach())
-                if not torch.isfinite(meta):
-                    bad = (~torch.isfinite(torch.stack(losses))).any(1).nonzero()
-                    hist["diverged"].append([b, int(bad[0]) + 1 if len(bad) else len(losses)])
-                    break
-                if manual:
-                    states = unroll.states
-                    unroll.backward()  # writes every parameter's .grad
-                else:
-                    opt.zero_grad()
-                    meta.backward()
-            opt.step()
-        L = torch.stack(losses)  # (steps done, K)
+        L, bad = trajectory(method, nets, opt, W, X, Y, act, cfg)  # (steps done, K)
+        if bad is not None:
+            hist["diverged"].append([b, bad])
         hist["mean_loss"] += L.mean(0).tolist()
         hist["final_loss"] += L[-1].tolist()
         hist["time_s"] = spent + time.perf_counter() - t0

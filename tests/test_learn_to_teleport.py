@@ -413,7 +413,8 @@ def test_manual_meta_gradient_equals_autograd(method, args):
     for a, b in zip(fast, ref):
         # saturated gates leave some gradients at 1e-45 (hidden 16, raw gradients ~1e4 in): the
         # tolerance is relative to the largest gradient of the same LSTM
-        scale = {net: max(v.abs().max().item() for k, v in b.items() if k.startswith(net)) for net in {k[:2] for k in b}}
+        scale = {net: max(v.abs().max().item() for k, v in b.items() if k.startswith(net))
+                 for net in {k[:2] for k in b}}
         for k in b:
             assert scale[k[:2]] > 0, k
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-10 * scale[k[:2]], msg=k)
@@ -421,16 +422,51 @@ def test_manual_meta_gradient_equals_autograd(method, args):
                                rtol=1e-12, atol=0)
 
 
-def test_lstm_step_is_the_stacked_cells():
-    # the fast step against MetaLSTM.forward (two torch.nn.LSTMCell and the heads), any state
+def test_lstm_group_step_is_the_stacked_cells():
+    # the fast step of two LSTMs as one group against MetaLSTM.forward (two torch.nn.LSTMCell
+    # and the heads) of each, from any state
     gen = torch.Generator().manual_seed(0)
-    net = meta.MetaLSTM(12, 7, {"f": 5, "eta": 1}).double()
-    x = torch.randn(3, 12, generator=gen, dtype=torch.float64)
-    state = tuple(torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) for _ in "hc")
+    nets = [meta.MetaLSTM(12, 7, {"f": 5, "eta": 1}).double(), meta.MetaLSTM(12, 7, {"T": 4}).double()]
+    xs = [torch.randn(3, 12, generator=gen, dtype=torch.float64) for _ in nets]
+    states = [tuple(torch.randn(2, 3, 7, generator=gen, dtype=torch.float64) for _ in "hc") for _ in nets]
     with torch.no_grad():
-        ref, ref_state = net(x, state)
-        out, new_state = meta.lstm_step(meta.lstm_weights(net), x, state, tape=[])
-    for k in ref:
-        torch.testing.assert_close(out[k], ref[k], rtol=1e-13, atol=1e-14)
-    for a, b in zip(new_state, ref_state):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+        outs, (h, c) = meta.LSTMGroup(nets).step(xs, tuple(torch.stack(s, 1) for s in zip(*states)))
+        for n, (net, x, state) in enumerate(zip(nets, xs, states)):
+            ref, (ref_h, ref_c) = net(x, state)
+            assert outs[n].keys() == ref.keys()
+            for k in ref:
+                torch.testing.assert_close(outs[n][k], ref[k], rtol=1e-13, atol=1e-14)
+            torch.testing.assert_close(h[:, n], ref_h, rtol=1e-13, atol=1e-14)
+            torch.testing.assert_close(c[:, n], ref_c, rtol=1e-13, atol=1e-14)
+
+
+def test_series_inverse_is_exact_to_rounding():
+    # (I + T)^-1 by the Neumann series to `series_order`, where the remainder bound
+    # |T|^(n+1) / (1 - |T|) is below eps/4; against torch.linalg.inv in float64: in float32 below
+    # float32's eps, in float64 a few float64 eps, and with fewer terms the remainder is
+    # |T|^(n+1)-sized, within its bound
+    assert (meta.series_order(0.01, torch.float32), meta.series_order(0.01, torch.float64)) == (3, 8)
+    assert meta.series_order(0.5, torch.float32) is None
+    T = torch.randn(50, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    T = T / T.flatten(1).norm(dim=1).view(-1, 1, 1) * 0.01
+    exact = torch.linalg.inv(torch.eye(20, dtype=torch.float64) + T)
+    def err(n, dtype=torch.float64):
+        return (meta.inverse(T.to(dtype), n).double() - exact).abs().max().item()
+    assert err(3, torch.float32) < torch.finfo(torch.float32).eps
+    assert err(8) < 8 * torch.finfo(torch.float64).eps
+    for n in (1, 2, 3, 4):
+        assert 1e-3 * 0.01 ** (n + 1) < err(n) < 0.01 ** (n + 1) / 0.99
+    assert torch.equal(meta.inverse(T, None), exact)
+
+
+@pytest.mark.parametrize("method", ["update_tele", "update", "lr_tele"])
+def test_test_curves_of_the_fast_steps_equal_update(method):
+    # the test trajectories by _meta.Unroll's steps (the default) and by _meta.update: the same
+    # losses and step sizes in float64, from meta-optimizers trained one trajectory
+    cfg = _cfg("--dtype=float64")
+    nets = mlr.make_nets(method, cfg)
+    _train(method, nets, cfg, [cfg["TRAIN_SEED"]])
+    fast, ref = (mlr.test(method, nets, {**cfg, "BACKPROP": b}, ACT, [0, 1]) for b in ("manual", "autograd"))
+    torch.testing.assert_close(torch.tensor(fast["loss"]), torch.tensor(ref["loss"]), rtol=1e-10, atol=0)
+    torch.testing.assert_close(torch.tensor(fast["step_size"]), torch.tensor(ref["step_size"]), rtol=1e-10, atol=0)
+    assert fast["loss"][0][-1] != fast["loss"][0][0]
