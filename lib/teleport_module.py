@@ -283,7 +283,7 @@ def _adagrad_A(optimizer, model, names):
     found = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            G = optimizer.state[p].get("sum", torch.full_like(p, group["initial_accumulator_value"]))
+            G = optimizer.state.get(p, {}).get("sum", torch.full_like(p, group["initial_accumulator_value"]))
             found[id(p)] = (G + group["eps"]).rsqrt()
     ps = dict(model.named_parameters())
     return [found.get(id(ps[n]), torch.ones_like(ps[n])) for n in names]
