@@ -63,7 +63,7 @@ def test_quick_run_writes_results_whose_fields_agree(quick_run):
                 rel = r["relative_change"][n][k]
                 again = ri.relative_change(r["before"][k], r["after"][n][k])
                 assert np.allclose(np.array(rel["per_model"], dtype=float), again, equal_nan=True)
-                if k != "psi" or act_name == "leaky_relu":
+                if not k.startswith("psi") or act_name == "leaky_relu":
                     assert rel["max"] == pytest.approx(np.nanmax(again)) and rel["median"] <= rel["max"]
             for k in ("loss", "asam_worst", "asam_average"):  # invariant: rounding only
                 assert r["relative_change"][n][k]["max"] < 1e-8, (act_name, n, k)
@@ -73,8 +73,10 @@ def test_quick_run_writes_results_whose_fields_agree(quick_run):
             assert big[k]["median"] > 1e-2, (act_name, k)
         assert np.all(np.array(r["teleport"]["objective_after"]) > np.array(r["teleport"]["objective_before"]))
         assert all(np.isfinite(r["before"]["asam_worst"])) and min(r["before"]["asam_worst"]) > 0
-    assert all(v is None for v in res["activations"]["relu"]["before"]["psi"])  # eq. (54): no ReLU
-    assert all(np.isfinite(res["activations"]["leaky_relu"]["before"]["psi"]))
+    for k in ("psi", "psi_authors"):
+        assert all(v is None for v in res["activations"]["relu"]["before"][k])  # eq. (54): no ReLU
+        assert all(np.isfinite(res["activations"]["leaky_relu"]["before"][k]))
+    assert res["activations"]["leaky_relu"]["before"]["psi"] != res["activations"]["leaky_relu"]["before"]["psi_authors"]
     assert "| adaptive sharpness, worst case |" in md and "## relu" in md
 
 
@@ -95,3 +97,14 @@ def test_relative_change_and_its_summary_by_hand():
     assert ri.summary([np.nan, 3.0, 1.0, 2.0]) == {"median": 2.0, "max": 3.0}
     assert ri.summary([np.nan]) == {"median": None, "max": None}
     assert ri.cell({"median": 0.5, "max": 3e-15}) == "0.5 / 3e-15" and ri.cell({"median": None, "max": None}) == "n/a"
+
+
+def test_the_committed_table_follows_from_the_committed_results():
+    res = load_json(f"{ROOT}/results/invariance/MNIST.json")
+    with open(f"{ROOT}/results/invariance/MNIST_table.md") as fh:
+        assert fh.read() == ri.table(res)
+    assert res["config"]["N_MODELS"] == 20 and not res["config"]["QUICK"]
+    for r in res["activations"].values():
+        for n, changes in r["relative_change"].items():
+            assert r["output_change"][n]["max"] < 1e-12
+            assert changes["asam_worst"]["max"] < 1e-12 and changes["asam_average"]["max"] < 1e-12
