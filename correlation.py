@@ -1,32 +1,40 @@
 """Table 1 and Figures 9-10: sharpness and curvature of minima vs validation loss (Section 4.3,
 Appendix E.3). Trains N_MODELS MLPs per dataset as one batched model, measures at each minimum the
-sharpness phi (eq. 4; unit-sphere and the authors' positive-orthant directions) and the curvature
-psi (eq. 5; exp(tM).w under eq. (54) on all layer pairs), and correlates both with the validation
-loss: Pearson r, and the partial r given the training loss.
+sharpness phi (eq. 4; unit-sphere and the authors' positive-orthant directions), the curvature psi
+(eq. 5; exp(tM).w under eq. (54) on all layer pairs) in two conventions, and beyond the paper the
+top Hessian eigenvalue, the Hessian trace and adaptive sharpness (lib.hessian), and correlates each
+with the validation loss: Pearson r with a bootstrap 95% interval over models, Kendall tau, and the
+partial r given the training loss.
 
-    python correlation.py                                   # MNIST, FashionMNIST, CIFAR10 in turn
-    python correlation.py --dataset=MNIST                   # the committed run (the bundled MNIST subset)
-    python correlation.py --dataset=MNIST --lr=0.05         # any preset value can be overridden
+    python correlation.py                                   # the committed run (the bundled MNIST subset)
+    python correlation.py --n-models=1000 --tag=1000-models # the committed 1,000-model variant
+    python correlation.py --dataset=all                     # MNIST, FashionMNIST, CIFAR10 in turn
+    python correlation.py --lr=0.05                         # any preset value can be overridden
     python correlation.py --skip-training                   # metrics from the saved weights
     python correlation.py --plot-only                       # figures and table from the JSONs
+
+psi's conventions (lib.metrics.curve_derivatives): 'exact' differentiates the curve exp(tM).w itself;
+'authors' sums each layer pair's own second derivative, as the authors' code does, dropping the
+cross term 2A'B' = -2 V'_m M_(m-1) of each hidden layer that two pairs move. PSI_CONVENTION picks
+the figures' psi; the table has both. Both come from the closed forms of eqs. (57)/(60) for all
+models and several draws at once (float32 by default: within 1e-4 of float64, measured).
 
 Protocol: draw j reseeds with DRAW_SEED * j (the authors' manual_seed(12345 * curve_idx)): all models
 share its batch, directions and M. Runs resume (OUT_DIR/.progress/), write outputs as a set, keep
 other settings' results unless --replace; diverged models (loss non-finite or > 1e6) are left out.
 
-CPU runtime (2 shared cores, OMP_NUM_THREADS=1), 4,000-image MNIST subset, 100 models: training 61 s,
-metrics 176 s. Full protocol, extrapolated by benchmarks/bench_correlation.py: MNIST, FashionMNIST
-15-20 min each; CIFAR-10 6 h training + 1 h metrics (use --device=cuda). --quick: < 1 min.
+CPU runtime (2 shared cores, OMP_NUM_THREADS=1, load average ~10 from other jobs): 100 models, the
+4,000-image MNIST subset: training ~1 min, phi and psi ~1-2 min, Hessian measures ~1 min; 1,000 models:
+training ~35 min, metrics ~20 min. --quick: < 1 min.
 
-Headline (MNIST subset, 1,000 test images): r(phi, val. loss) = 0.845 (paper 0.704), r(psi, val.
-loss) = +0.340 (paper -0.050); but r(phi, final train loss) = 0.998, and given the train loss the
-partial r vanish (phi: -0.14, p = 0.18; psi: +0.02, p = 0.84).
+Headline: see results/correlation/table1.md and the README (Table 1).
 
 Outputs: under OUT_DIR, results/correlation/<dataset>.json (config, environment, data, per-model
-losses, phi, psi, divergence epochs, correlations), <dataset>_training.json (curves),
-<dataset>_weights.pt (for --skip-training), table1.md and table1.csv (Table 1 over every saved
-dataset); figures/correlation/<dataset>_{sharpness_vs_val_loss,curvature_vs_val_loss,
-sharpness_vs_curvature}.png; while a run is unfinished, .progress/correlation-<dataset>.pt.
+losses, every measure, divergence epochs, correlations with intervals), <dataset>_training.json
+(curves), <dataset>_weights.pt (for --skip-training), table1.md and table1.csv (Table 1 over every
+saved dataset); figures/correlation/<dataset>_{sharpness_vs_val_loss,curvature_vs_val_loss,
+sharpness_vs_curvature,hessian_vs_val_loss}.png; with --tag=T the stems <dataset>_T and table1_T;
+while a run is unfinished, .progress/correlation-<dataset>.pt.
 """
 import os
 import time
@@ -38,16 +46,17 @@ from lib.config import UsageError, check_choice, check_positive, run, with_prese
 from lib.data import load
 from lib.io import (check_replace, environment, experiment_dirs, load_json, load_results, load_tensors,
                     relative, save_json, save_tensors, staged)
-from lib.metrics import curvature, random_directions, random_lie_elements, sharpness
+from lib.hessian import adaptive_sharpness, hessian_trace, top_eigenvalue
+from lib.metrics import curvatures_eq54, random_directions, random_lie_elements, sharpness_draws
 from lib.models import activation, evaluate
 from lib.plots import save_figure, scatter_panels
 from lib.progress import Checkpoint
 from lib.report import diverged_epochs, save_table
-from lib.stats import correlate, draw_means, finite_rows, pearson
+from lib.stats import bootstrap_ci, correlate, draw_means, finite_rows, kendall, pearson
 from lib.train import make_model
 
 # ---- config -------------------------------------------------------------------------------
-DATASET = "all"            # MNIST, FashionMNIST, CIFAR10, or all (the three in turn)
+DATASET = "MNIST"          # MNIST, FashionMNIST, CIFAR10, or all (the three in turn)
 N_MODELS = 100             # models per dataset (>= 4); model i is seeded (i + 1) * SEED_BASE
 SEED_BASE = 54321          # the authors' seed multiplier
 EPOCHS = 40                # training epochs (the validation loss is taken after the last)
@@ -61,8 +70,15 @@ DRAW_SEED = 12345          # draw j reseeds with DRAW_SEED * j, for all models (
 T_START = None             # phi's displacements T_START + T_STEP * i, i < T_COUNT (None: the dataset's preset)
 T_STEP = None              # step of that grid (None: the dataset's preset)
 T_COUNT = 20               # displacements (and directions of each kind) per draw
-CHUNK = None               # models per metric pass (None: the dataset's preset; lower saves memory)
-PSI_DTYPE = "float64"      # dtype of the curvature computation (float64 or float32)
+CHUNK = None               # models x draws per metric pass (None: the dataset's preset; lower saves memory)
+PSI_DTYPE = "float32"      # dtype of the curvature computation (float32 or float64)
+PSI_CONVENTION = "exact"   # psi of the figures: exact (the curve itself) or authors (pair-by-pair sum); the table has both
+HESSIAN_DRAWS = 4          # draws (their batches) the Hessian measures average over: the first of the N_DRAWS
+LANCZOS_ITERS = 15         # Hessian-vector products per Lanczos run for the top eigenvalue (fewer if converged)
+TRACE_SAMPLES = 20         # Rademacher vectors per Hutchinson trace, and Gaussian draws per average-case adaptive sharpness
+ASAM_RHO = 0.05            # radius of the adaptive sharpness (perturbation |w| * u, ||u|| <= rho)
+ASAM_STEPS = 10            # ascent steps of the worst-case adaptive sharpness
+BOOTSTRAP = 2000           # bootstrap resamples (over models) for the 95% intervals
 CONTROL = "final"          # training loss the partial r controls for: final (whole set, final weights) or epoch_mean
 SKIP_TRAINING = False      # load the saved final weights instead of training
 PLOT_ONLY = False          # redraw figures and table from the saved JSONs
@@ -73,23 +89,35 @@ PROGRESS = True            # tqdm bars
 FIG_DPI = 200              # PNG resolution (dots per inch)
 CHECKPOINT_S = 30.0        # save progress after at most this many seconds of work (0: every epoch and draw)
 REPLACE = False            # True: replace saved results made with other settings
+TAG = ""                   # extra name for the output files of a variant run, e.g. "1000-models"
 # -------------------------------------------------------------------------------------------
 PRESETS = {"DATASETS": {  # the authors' released settings per dataset (DATASET=all: each in turn)
     "MNIST": dict(WIDTHS=[784, 16, 10, 10], LR=0.01, T_START=0.001, T_STEP=0.01, CHUNK=100),
     "FashionMNIST": dict(WIDTHS=[784, 16, 10, 10], LR=0.01, T_START=0.0001, T_STEP=0.001, CHUNK=100),
     "CIFAR10": dict(WIDTHS=[3072, 128, 32, 10], LR=0.02, T_START=0.0001, T_STEP=0.001, CHUNK=10)}}
-QUICK_SETTINGS = dict(DATASET="MNIST", N_MODELS=4, EPOCHS=2, TRAIN_SIZE=200, N_DRAWS=3, METRIC_BATCH=40)
+QUICK_SETTINGS = dict(DATASET="MNIST", N_MODELS=4, EPOCHS=2, TRAIN_SIZE=200, N_DRAWS=3, METRIC_BATCH=40,
+                      HESSIAN_DRAWS=1, LANCZOS_ITERS=5, TRACE_SAMPLES=2, ASAM_STEPS=2, BOOTSTRAP=200)
 ACT = activation("leaky_relu")  # slope 0.1 (the paper's); no ReLU: eq. (54) inverts the activation
 # Table 1 of the paper: Pearson r with the validation loss (its phi, on both of our phi rows)
 SHARPNESS = {"MNIST": 0.704, "FashionMNIST": 0.790, "CIFAR10": 0.899}
-PAPER = {"phi_sphere": SHARPNESS, "phi_orthant": SHARPNESS,
-         "psi": {"MNIST": -0.050, "FashionMNIST": -0.232, "CIFAR10": -0.167}}
-METRICS = ("phi_sphere", "phi_orthant", "psi")
+CURVATURE = {"MNIST": -0.050, "FashionMNIST": -0.232, "CIFAR10": -0.167}  # the authors' code: pair-by-pair
+PAPER = {"phi_sphere": SHARPNESS, "phi_orthant": SHARPNESS, "psi_exact": CURVATURE, "psi_authors": CURVATURE}
+PHI_PSI = ("phi_sphere", "phi_orthant", "psi_exact", "psi_authors")  # over N_DRAWS draws
+HESSIAN = ("hess_top", "hess_trace", "asam_worst", "asam_average")  # over HESSIAN_DRAWS draws
+METRICS = PHI_PSI + HESSIAN
 EXCESS = ("phi_sphere_excess", "phi_orthant_excess")  # phi - L(w) on the same draw batches
-LABELS = {"phi_sphere": "sharpness (sphere)", "phi_orthant": "sharpness (positive orthant)",
-          "psi": "curvature", "phi_sphere_excess": "excess sharpness phi - L(w) (sphere)",
+LABELS = {"phi_sphere": "sharpness phi (sphere)", "phi_orthant": "sharpness phi (positive orthant)",
+          "psi_exact": "curvature psi (exact)", "psi_authors": "curvature psi (authors' pair sum)",
+          "hess_top": "top Hessian eigenvalue", "hess_trace": "Hessian trace (Hutchinson)",
+          "asam_worst": "adaptive sharpness, worst case", "asam_average": "adaptive sharpness, average case",
+          "phi_sphere_excess": "excess sharpness phi - L(w) (sphere)",
           "phi_orthant_excess": "excess sharpness phi - L(w) (positive orthant)"}
 TRAINING = ("N_MODELS", "SEED_BASE", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "LR", "WIDTHS")  # --skip-training checks
+
+
+def stem(name, tag):
+    """Output file stem: the dataset (or 'table1'), plus _TAG for a variant run."""
+    return f"{name}_{tag}" if tag else name
 
 
 def displacements(cfg):
@@ -107,43 +135,86 @@ def draw(j, data, W, n_t, batch, seed):
             random_directions(W, n_t, "sphere", gen), random_directions(W, n_t, "positive_orthant", gen))
 
 
-def measure(W, data, act, ts, n_draws, batch, chunk, seed, psi_dtype=torch.float64, progress=False,
+def draws(js, data, W, n_t, batch, seed):
+    """The draws js stacked: X (G, B, d_0), Y (G, B), Ms [(G, d, d) per pair], sphere and
+    positive-orthant directions [(G, n_t, out, in) per layer]."""
+    ds = [draw(j, data, W, n_t, batch, seed) for j in js]
+    stack = lambda i: [torch.stack(v) for v in zip(*(d[i] for d in ds))]  # noqa: E731
+    return torch.stack([d[0] for d in ds]), torch.stack([d[1] for d in ds]), stack(2), stack(3), stack(4)
+
+
+def measure(W, data, act, ts, n_draws, batch, chunk, seed, psi_dtype=torch.float32, progress=False,
             resume=None, on_draw=None):
-    """Per model (W: list of (K, out, in)), in chunks of `chunk` models, the means over n_draws
-    draws of phi (eq. 4, over the displacements ts; sphere and positive-orthant directions), psi
-    (eq. 5: curvature, eq. 47, of exp(tM).w under eq. (54); nan where a pseudo-inverse fails) and
-    loss_w = L(w). resume, on_draw: see lib.stats.draw_means. Returns {name: (K,) tensor}."""
-    W, Wd = [w.detach() for w in W], [w.detach().to(psi_dtype) for w in W]
+    """Per model (W: list of (K, out, in)) the means over n_draws draws of phi (eq. 4, over the
+    displacements ts; sphere and positive-orthant directions), psi (eq. 5: curvature, eq. 47, of
+    exp(tM).w under eq. (54), both conventions of lib.metrics.curve_derivatives; nan where a
+    pseudo-inverse fails) and loss_w = L(w). About `chunk` (model, draw) pairs per pass: max(1,
+    chunk // K) draws at once, models in chunks of `chunk`. resume, on_draw: see
+    lib.stats.draw_means. Returns {name: (K,) tensor}."""
+    W, K = [w.detach() for w in W], W[0].shape[0]
+    group, cache = max(1, chunk // K), {}
 
     def one(j):
-        X, Y, Ms, d_sph, d_pos = draw(j, data, W, len(ts), batch, seed)
-        Ms, Xd, out = [M.to(psi_dtype) for M in Ms], X.to(psi_dtype), {m: [] for m in (*METRICS, "loss_w")}
-        for s in range(0, W[0].shape[0], chunk):
-            Wc = [w[s:s + chunk] for w in W]
-            out["phi_sphere"].append(sharpness(Wc, X, Y, act, ts, d_sph))
-            out["phi_orthant"].append(sharpness(Wc, X, Y, act, ts, d_pos))
-            out["loss_w"].append(sharpness(Wc, X, Y, act, [0.0], [d[:1] for d in d_sph]))
-            try:
-                out["psi"].append(curvature([w[s:s + chunk] for w in Wd], Xd, act, Ms))
-            except torch.linalg.LinAlgError:
-                out["psi"].append(torch.full((Wc[0].shape[0],), float("nan")))
-        return {k: torch.cat([v.double().cpu() for v in vs]) for k, vs in out.items()}
+        if j not in cache:  # draws j, j + 1, ... computed at once, handed out one by one
+            js = range(j, min(j + group, n_draws))
+            X, Y, Ms, d_sph, d_pos = draws(js, data, W, len(ts), batch, seed)
+            Xp, Ms, out = X.to(psi_dtype), [M.to(psi_dtype) for M in Ms], {m: [] for m in (*PHI_PSI, "loss_w")}
+            for s in range(0, K, chunk):
+                Wc = [w[s:s + chunk] for w in W]
+                (ps, lw), (po, _) = (sharpness_draws(Wc, X, Y, act, ts, d) for d in (d_sph, d_pos))
+                try:
+                    pe, pa = curvatures_eq54([w.to(psi_dtype) for w in Wc], Xp, act, Ms)
+                except torch.linalg.LinAlgError:
+                    pe = pa = torch.full_like(ps, float("nan"))
+                for k, v in zip(("phi_sphere", "phi_orthant", "psi_exact", "psi_authors", "loss_w"), (ps, po, pe, pa, lw)):
+                    out[k].append(v.double().cpu())
+            vals = {k: torch.cat(v, 1) for k, v in out.items()}  # (G, K)
+            cache.clear()
+            cache.update({i: {k: v[n] for k, v in vals.items()} for n, i in enumerate(js)})
+        return cache.pop(j)
     return draw_means(one, n_draws, resume, on_draw, progress, "phi, psi")
+
+
+def measure_hessian(W, data, act, cfg, progress=False, resume=None, on_draw=None):
+    """Per model the means over the first HESSIAN_DRAWS draws' batches of the top Hessian
+    eigenvalue (Lanczos), the Hessian trace (Hutchinson) and the worst- and average-case adaptive
+    sharpness (lib.hessian), models in chunks of CHUNK; random vectors from a generator seeded
+    DRAW_SEED * j + 1 (they depend on the chunking). Returns {name: (K,) tensor}."""
+    W, K, ch = [w.detach() for w in W], W[0].shape[0], cfg["CHUNK"]
+
+    def one(j):
+        X, Y = draw(j, data, W, 1, cfg["METRIC_BATCH"], cfg["DRAW_SEED"])[:2]
+        gen, out = torch.Generator().manual_seed(cfg["DRAW_SEED"] * j + 1), {m: [] for m in HESSIAN}
+        for s in range(0, K, ch):
+            Wc = [w[s:s + ch] for w in W]
+            out["hess_top"].append(top_eigenvalue(Wc, X, Y, act, "ce", cfg["LANCZOS_ITERS"], gen))
+            out["hess_trace"].append(hessian_trace(Wc, X, Y, act, "ce", cfg["TRACE_SAMPLES"], gen))
+            for kind in ("worst", "average"):
+                out[f"asam_{kind}"].append(adaptive_sharpness(Wc, X, Y, act, cfg["ASAM_RHO"], "ce", kind, cfg["ASAM_STEPS"],
+                                                              gen, samples=cfg["TRACE_SAMPLES"]))
+        return {k: torch.cat(v).double().cpu() for k, v in out.items()}
+    return draw_means(one, cfg["HESSIAN_DRAWS"], resume, on_draw, progress, "Hessian")
 
 
 def kept(res):
     """(K,) bool: the models the correlations use: not diverged, every value finite."""
-    cols = [res[k] for k in (*METRICS, *EXCESS, "val_loss", "train_loss_final", "train_loss_epoch_mean")]
+    cols = [res[k] for k in (*METRICS, *EXCESS, "val_loss", "train_loss_final", "train_loss_epoch_mean") if k in res]
     return finite_rows(cols, [e is not None for e in res.get("diverged_epoch", [None] * len(res["val_loss"]))])
 
 
 def correlations(res, control):
     """Over the kept models (all nan when fewer than 4 are left): Pearson r (with p) of each metric
-    with the validation loss and with the training loss, and the partial r given the latter."""
+    with the validation loss and with the training loss, the partial r given the latter, Kendall's
+    tau with the validation loss, and percentile-bootstrap 95% intervals over models (BOOTSTRAP
+    resamples, seed 0) of r, partial r and tau with the validation loss (lib.stats.correlate)."""
     ok, val, tr = kept(res), res["val_loss"], res[f"train_loss_{control}"]
-    out = correlate({m: res[m] for m in (*METRICS, *EXCESS)}, val, tr, ok, ("val", "train"))
-    r, p = pearson(np.asarray(tr, dtype=float)[ok], np.asarray(val, dtype=float)[ok], 4)
-    return {**out, "train_loss": {"r_val": r, "p_val": p}}
+    ci = {"n": res["config"].get("BOOTSTRAP", 2000), "seed": 0}
+    out = correlate({m: res[m] for m in (*METRICS, *EXCESS) if m in res}, val, tr, ok, ("val", "train"), ci=ci)
+    tr, val = np.asarray(tr, dtype=float)[ok], np.asarray(val, dtype=float)[ok]
+    (r, p), (tau, ptau) = pearson(tr, val, 4), kendall(tr, val, 4)
+    return {**out, "train_loss": {"r_val": r, "p_val": p, "tau_val": tau, "p_tau_val": ptau,
+                                  "ci_r_val": list(bootstrap_ci(tr, val, **ci)),
+                                  "ci_tau_val": list(bootstrap_ci(tr, val, "kendall", **ci))}}
 
 
 def dataset_config(cfg, name):
@@ -165,9 +236,9 @@ def trained(cfg, data, ckpt, record):
     interrupted training) and `record` with their history, seeds, time, final loss and accuracy."""
     name, res_dir = cfg["DATASET"], os.path.join(cfg["OUT_DIR"], "results", "correlation")
     if cfg["SKIP_TRAINING"]:
-        if not os.path.exists(path := os.path.join(res_dir, f"{name}_weights.pt")):
+        if not os.path.exists(path := os.path.join(res_dir, f"{stem(name, cfg['TAG'])}_weights.pt")):
             raise UsageError(f"--skip-training: no saved weights at {path}; train first")
-        t, training = load_tensors(path, cfg["DEVICE"]), load_json(os.path.join(res_dir, f"{name}_training.json"))
+        t, training = load_tensors(path, cfg["DEVICE"]), load_json(path.replace("_weights.pt", "_training.json"))
         old, W = training.get("config", {}), [t[f"W{j}"] for j in range(len(t))]
         if differ := [f"{k}={old[k]!r}" for k in TRAINING if k in old and old[k] != cfg[k]]:
             raise UsageError(f"--skip-training: the saved weights were trained with {', '.join(differ)}; "
@@ -188,23 +259,31 @@ def trained(cfg, data, ckpt, record):
 
 
 def metrics(cfg, data, W, at, ckpt):
-    """measure() on the models that did not diverge (nan for the others), saving progress per
-    draw through ckpt. Returns ({name: (K,) tensor}, seconds)."""
-    if (done := ckpt.unit("metrics")) is None:
-        idx, n = [i for i, e in enumerate(at) if e is None], cfg["N_DRAWS"]
-        cur = ckpt.current if (ckpt.current or {}).get("unit") == "metrics" else None
-        t0, before = time.perf_counter(), cur["time_s"] if cur else 0.0
-        spent = lambda: before + time.perf_counter() - t0  # noqa: E731 - seconds, interruptions aside
-        save = lambda state: ckpt.save({"done": ckpt.done, "current": {"unit": "metrics", **state,  # noqa: E731
-                                        "time_s": spent()}}, f"{cfg['DATASET']} metrics, draw {state['draw']} of {n}")
-        m = {k: torch.full((len(at),), float("nan"), dtype=torch.float64) for k in (*METRICS, "loss_w")}
-        if idx:
-            got = measure([w[idx] for w in W], data, ACT, displacements(cfg), n, cfg["METRIC_BATCH"], cfg["CHUNK"],
-                          cfg["DRAW_SEED"], getattr(torch, cfg["PSI_DTYPE"]), cfg["PROGRESS"], cur, save)
-            for k, v in got.items():
-                m[k][idx] = v
-        done = ckpt.finish_unit("metrics", {"m": m, "time_s": spent()})
-    return done["m"], done["time_s"]
+    """measure() and measure_hessian() on the models that did not diverge (nan for the others),
+    each a unit of ckpt saving progress per draw. Returns ({name: (K,) tensor}, {unit: seconds})."""
+    idx, m, times = [i for i, e in enumerate(at) if e is None], {}, {}
+    units = {"metrics": (cfg["N_DRAWS"], lambda Wk, cur, save: measure(
+                 Wk, data, ACT, displacements(cfg), cfg["N_DRAWS"], cfg["METRIC_BATCH"], cfg["CHUNK"], cfg["DRAW_SEED"],
+                 getattr(torch, cfg["PSI_DTYPE"]), cfg["PROGRESS"], cur, save)),
+             "hessian": (cfg["HESSIAN_DRAWS"], lambda Wk, cur, save: measure_hessian(Wk, data, ACT, cfg, cfg["PROGRESS"],
+                                                                                     cur, save))}
+    for unit, (n, fn) in units.items():
+        if (done := ckpt.unit(unit)) is None:
+            cur = ckpt.current if (ckpt.current or {}).get("unit") == unit else None
+            t0, before = time.perf_counter(), cur["time_s"] if cur else 0.0
+            spent = lambda: before + time.perf_counter() - t0  # noqa: E731 - seconds, interruptions aside
+            save = lambda state: ckpt.save({"done": ckpt.done, "current": {"unit": unit, **state,  # noqa: E731
+                                            "time_s": spent()}}, f"{cfg['DATASET']} {unit}, draw {state['draw']} of {n}")
+            got = fn([w[idx] for w in W], cur, save) if idx else {}
+            full = {}
+            for k in got or (PHI_PSI + ("loss_w",) if unit == "metrics" else HESSIAN):
+                full[k] = torch.full((len(at),), float("nan"), dtype=torch.float64)
+                if idx:
+                    full[k][idx] = got[k]
+            done = ckpt.finish_unit(unit, {"m": full, "time_s": spent()})
+        m.update(done["m"])
+        times[unit] = done["time_s"]
+    return m, times
 
 
 def run_dataset(name, cfg, res_dir, ckpts):
@@ -217,11 +296,11 @@ def run_dataset(name, cfg, res_dir, ckpts):
         raise UsageError(f"--widths={cfg['WIDTHS']}: {name} needs d_0 = {data.x_train.shape[1]}, 3 layers or more")
     saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
     print(f"{data.label}: {len(data.y_test)} test images (the validation loss); SGD lr {cfg['LR']}")
-    ckpts.append(ckpt := Checkpoint(cfg, f"correlation-{name}"))
+    ckpts.append(ckpt := Checkpoint(cfg, f"correlation-{(out := stem(name, cfg['TAG']))}"))
     W, training = trained(cfg, data, ckpt, {"config": saved, "environment": environment(), "data": data.info})
     hist = training["history"]  # a non-finite final training or validation loss: diverged in the last epoch
     at = diverged_epochs(np.transpose(hist["train_loss"]), training["train_loss_final"], hist["test_loss"][-1])
-    m, metric_time = metrics(cfg, data, W, at, ckpt)
+    m, times = metrics(cfg, data, W, at, ckpt)
     res = {"config": saved, "environment": environment(), "data": data.info, "dataset": name,
            "label": data.label, "n_train": len(data.y_train), "n_test": len(data.y_test),
            "seeds": training["seeds"], "val_loss": hist["test_loss"][-1], "val_acc": hist["test_acc"][-1],
@@ -229,82 +308,111 @@ def run_dataset(name, cfg, res_dir, ckpts):
            **{k: v.tolist() for k, v in m.items()}, "displacements": displacements(cfg),
            **{f"{k}_excess": (m[k] - m["loss_w"]).tolist() for k in ("phi_sphere", "phi_orthant")},
            "diverged_epoch": at, "n_diverged": sum(e is not None for e in at),
-           "train_time_s": training["train_time_s"], "metric_time_s": metric_time}
+           "train_time_s": training["train_time_s"], "metric_time_s": times["metrics"],
+           "hessian_time_s": times["hessian"]}
     res["n_kept"], res["correlations"] = int(kept(res).sum()), correlations(res, cfg["CONTROL"])
     if not cfg["SKIP_TRAINING"]:
-        save_tensors(os.path.join(res_dir, f"{name}_weights.pt"), {f"W{j}": w for j, w in enumerate(W)})
-        save_json(os.path.join(res_dir, f"{name}_training.json"), training)
-    save_json(os.path.join(res_dir, f"{name}.json"), res)
+        save_tensors(os.path.join(res_dir, f"{out}_weights.pt"), {f"W{j}": w for j, w in enumerate(W)})
+        save_json(os.path.join(res_dir, f"{out}_training.json"), training)
+    save_json(os.path.join(res_dir, f"{out}.json"), res)
     c = res["correlations"]
-    print(f"{name}: train {res['train_time_s']:.0f} s, metrics {metric_time:.0f} s; {res['n_diverged']} of "
+    print(f"{name}: train {res['train_time_s']:.0f} s, phi and psi {times['metrics']:.0f} s, Hessian measures "
+          f"{times['hessian']:.0f} s; {res['n_diverged']} of "
           f"{len(at)} models diverged; r(val): "
           + ", ".join(f"{LABELS[k]} {c[k]['r_val']:+.3f} (partial {c[k]['partial_r_val']:+.3f})" for k in METRICS))
     return res
 
 
+FIGURES = ("sharpness_vs_val_loss", "curvature_vs_val_loss", "sharpness_vs_curvature", "hessian_vs_val_loss")
+
+
 def plot(res, fig_dir, dpi=200):
-    """Three scatter figures per dataset, one point per kept model coloured by the training loss
-    the saved correlations control for, r in the legend, diverged models counted in the title."""
-    name, c, control, ok = res["dataset"], res["correlations"], res["config"]["CONTROL"], kept(res)
+    """Four scatter figures per dataset, one point per kept model coloured by the training loss
+    the saved correlations control for, r in the legend, diverged models counted in the title;
+    psi in the convention PSI_CONVENTION."""
+    name, c, cfg, ok = res["dataset"], res["correlations"], res["config"], kept(res)
+    psi = f"psi_{cfg.get('PSI_CONVENTION', 'exact')}"
     label = res.get("label", f"{name} ({res['n_train']:,} train)")  # results saved without a label
     models = f"{len(ok)} models" if ok.all() else f"{ok.sum()} of {len(ok)} models (diverged or not finite: left out)"
     col = lambda k: np.asarray(res[k], dtype=float)[ok]  # noqa: E731
-    axis = lambda k: f"{LABELS[k]} $\\phi$" if k.startswith("phi") else "curvature $\\psi$"  # noqa: E731
+    axis = lambda k: LABELS[k].replace("phi", "$\\phi$").replace("psi", "$\\psi$")  # noqa: E731
     val = lambda k: (col(k), col("val_loss"), axis(k), "validation loss",  # noqa: E731
                      f"r = {c[k]['r_val']:.3f}, partial r | train loss = {c[k]['partial_r_val']:.3f}")
-    r = f"r = {pearson(col('phi_sphere'), col('psi'))[0]:.3f}" if ok.sum() >= 2 else "r: too few models"
-    for fname, panels in {"sharpness_vs_val_loss": [val("phi_sphere"), val("phi_orthant")],
-                          "curvature_vs_val_loss": [val("psi")],
-                          "sharpness_vs_curvature": [(col("phi_sphere"), col("psi"), axis("phi_sphere"),
-                                                      axis("psi"), r)]}.items():
-        fig = scatter_panels(panels, col(f"train_loss_{control}"), f"training loss ({control})",
+    r = f"r = {pearson(col('phi_sphere'), col(psi))[0]:.3f}" if ok.sum() >= 2 else "r: too few models"
+    for fname, panels in zip(FIGURES, ([val("phi_sphere"), val("phi_orthant")], [val(psi)],
+                                       [(col("phi_sphere"), col(psi), axis("phi_sphere"), axis(psi), r)],
+                                       [val(k) for k in HESSIAN])):
+        fig = scatter_panels(panels, col(f"train_loss_{cfg['CONTROL']}"), f"training loss ({cfg['CONTROL']})",
                              f"{label}, {models}", None if ok.all() else 9)
-        save_figure(fig, os.path.join(fig_dir, f"{name}_{fname}.png"), dpi=dpi)
+        save_figure(fig, os.path.join(fig_dir, f"{stem(name, cfg.get('TAG', ''))}_{fname}.png"), dpi=dpi)
 
 
-def table(res_dirs):
-    """Table 1 (Markdown, CSV; our r next to the paper's) from every <dataset>.json (one at least),
-    each taken from the first of res_dirs that holds it, written to res_dirs[0]."""
-    paths = {n: [os.path.join(d, f"{n}.json") for d in res_dirs] for n in PRESETS["DATASETS"]}
+def _cell(c, k, digits=3):
+    """'r [low, high]' of statistic k (r_val, partial_r_val, tau_val) with its interval, 'n/a' if nan."""
+    v, ci = c.get(k), c.get(f"ci_{k}")
+    if v is None or v != v:
+        return "n/a"
+    return f"{v:+.{digits}f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci and ci[0] == ci[0] else "")
+
+
+def table(res_dirs, tag=""):
+    """Table 1 (Markdown, CSV; our correlations next to the paper's r) from every <dataset>.json
+    (one at least), each taken from the first of res_dirs that holds it, written to res_dirs[0]:
+    per measure and dataset Pearson r with the validation loss (p), its bootstrap 95% interval,
+    Kendall tau, the partial r given the training loss and r with the training loss."""
+    paths = {n: [os.path.join(d, f"{stem(n, tag)}.json") for d in res_dirs] for n in PRESETS["DATASETS"]}
     found = {n: load_json(next(filter(os.path.exists, ps))) for n, ps in paths.items() if any(map(os.path.exists, ps))}
-    header = ["measure"] + [f"{n} {w}" for n in found for w in ("ours", "paper")]
-    value = lambda v: "n/a" if v is None or v != v else v  # noqa: E731 - r over fewer than 4 models
+    header = ["measure"] + [f"{n} {w}" for n in found for w in ("r with val. loss [95% CI]", "p", "Kendall tau [95% CI]",
+                                                               "partial r given train loss [95% CI]", "r with train loss",
+                                                               "paper r")]
 
-    def row(title, m, k, paper=None):
-        return [title] + [v for n in found for v in (value(found[n]["correlations"][m][k]), paper[n] if paper else "-")]
-    rows = []
-    for m in (*METRICS, *EXCESS):
-        rows += [row(f"{LABELS[m]}: r with val. loss", m, "r_val", PAPER.get(m)),
-                 row(f"{LABELS[m]}: partial r given train loss", m, "partial_r_val")]
-        rows += [row(f"{LABELS[m]}: r with train loss", m, "r_train")] if m in METRICS else []
-    rows.append(row("train loss: r with val. loss", "train_loss", "r_val"))
+    def row(m):
+        out = [LABELS.get(m, "training loss")]
+        for n, f in found.items():
+            c = f["correlations"].get(m, {})
+            p = c.get("p_val")
+            out += [_cell(c, "r_val"), "n/a" if p is None or p != p else f"{p:.1g}", _cell(c, "tau_val"),
+                    _cell(c, "partial_r_val"), _cell(c, "r_train") if "r_train" in c else "-",
+                    PAPER.get(m, {}).get(n, "-")]
+        return out
+    rows = [row(m) for m in (*METRICS, *EXCESS, "train_loss")]
 
     def size(f):  # results saved before divergence was recorded have no n_kept
         K, n = len(f["seeds"]), f.get("n_kept", len(f["seeds"]))
         left = f" ({K - n} left out: {f['n_diverged']} diverged in training, r over the other {n})" if n < K else ""
         return f"{K} models{left}, {f['n_train']} train / {f['n_test']} test images"
     quick = [n for n, f in found.items() if f["config"].get("QUICK")]
-    note = (f"{', '.join(f'{n}: {size(f)}' for n, f in found.items())}. The paper's sharpness r is repeated on "
-            f"both sharpness rows: the paper defines phi with unit-sphere directions (eq. 4), the authors' code "
-            f"draws positive-orthant ones. Partial r: controlling for the training loss "
-            f"({next(iter(found.values()))['config']['CONTROL']}).\n"
+    cfg = next(iter(found.values()))["config"]
+    note = (f"{', '.join(f'{n}: {size(f)}' for n, f in found.items())}. Intervals: percentile bootstrap over "
+            f"models, {cfg.get('BOOTSTRAP')} resamples. The paper's sharpness r is repeated on both phi rows: the "
+            f"paper defines phi with unit-sphere directions (eq. 4), the authors' code draws positive-orthant ones. "
+            f"The paper's curvature r is repeated on both psi rows; it was computed the authors' way (pair-by-pair "
+            f"sum, which drops the cross term -2 V'_m M_(m-1) of every hidden layer that two pairs move); 'exact' "
+            f"is the curvature of the curve exp(tM).w itself. Top eigenvalue, trace and adaptive sharpness (rho "
+            f"{cfg.get('ASAM_RHO')}) are not in the paper: means over the first {cfg.get('HESSIAN_DRAWS')} draws' "
+            f"batches. Partial r: controlling for the training loss ({cfg['CONTROL']}).\n"
             + (f"\nQuick run (--quick): not the paper's protocol ({', '.join(quick)}).\n" if quick else ""))
-    return save_table(os.path.join(res_dirs[0], "table1"), header, rows,
-                      "Table 1: Pearson correlation with the validation loss", note)
+    return save_table(os.path.join(res_dirs[0], stem("table1", tag)), header, rows,
+                      "Table 1: correlation of each measure with the validation loss", note)
 
 
 def main(cfg):
     check_choice("dataset", cfg["DATASET"], [*PRESETS["DATASETS"], "all"])
-    check_choice("psi dtype", cfg["PSI_DTYPE"], ["float64", "float32"])
+    check_choice("psi dtype", cfg["PSI_DTYPE"], ["float32", "float64"])
+    check_choice("psi convention", cfg["PSI_CONVENTION"], ["exact", "authors"])
     check_choice("control", cfg["CONTROL"], ["final", "epoch_mean"])
-    for k in ("N_MODELS", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "N_DRAWS", "METRIC_BATCH", "FIG_DPI"):
+    for k in ("N_MODELS", "EPOCHS", "BATCH_SIZE", "TRAIN_SIZE", "N_DRAWS", "METRIC_BATCH", "FIG_DPI", "HESSIAN_DRAWS",
+              "LANCZOS_ITERS", "TRACE_SAMPLES", "ASAM_RHO", "BOOTSTRAP"):
         check_positive(k.lower(), cfg[k], allow_zero=False)
     check_positive("checkpoint_s", cfg["CHECKPOINT_S"])
+    check_positive("asam_steps", cfg["ASAM_STEPS"])
+    if not all(c.isalnum() or c in "-." for c in cfg["TAG"]):
+        raise UsageError(f"TAG may hold letters, digits, '-' and '.', got {cfg['TAG']!r}")
     if cfg["N_MODELS"] < 4:
         raise UsageError(f"n_models must be >= 4 for a partial correlation, got {cfg['N_MODELS']}")
     saved_dir = os.path.join(cfg["OUT_DIR"], "results", "correlation")  # the previous complete set
     names = list(PRESETS["DATASETS"]) if cfg["DATASET"] == "all" else [cfg["DATASET"]]
-    path = lambda n: os.path.join(saved_dir, f"{n}.json")  # noqa: E731
+    path = lambda n: os.path.join(saved_dir, f"{stem(n, cfg['TAG'])}.json")  # noqa: E731
     if cfg["PLOT_ONLY"] and cfg["DATASET"] == "all":  # every dataset that has saved results
         names = [n for n in names if os.path.exists(path(n))] or names[:1]
     for name in [] if cfg["PLOT_ONLY"] else names:  # before any work: refuse to replace other settings' results
@@ -315,7 +423,7 @@ def main(cfg):
         for name in names:
             plot(load_results(path(name)) if cfg["PLOT_ONLY"] else run_dataset(name, cfg, res_dir, ckpts),
                  fig_dir, cfg["FIG_DPI"])
-        md = table([res_dir, saved_dir])
+        md = table([res_dir, saved_dir], cfg["TAG"])
     for ckpt in ckpts:
         ckpt.finish()
     print(md)

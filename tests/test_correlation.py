@@ -40,7 +40,7 @@ def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_pa
     res_dir, fig_dir = out / "results" / "correlation", out / "figures" / "correlation"
     for f in ("table1.md", "table1.csv", "MNIST.json", "MNIST_training.json", "MNIST_weights.pt"):
         assert (res_dir / f).stat().st_size > 0, f
-    for f in ("sharpness_vs_val_loss", "curvature_vs_val_loss", "sharpness_vs_curvature"):
+    for f in correlation.FIGURES:
         assert (fig_dir / f"MNIST_{f}.png").read_bytes()[:4] == b"\x89PNG"
     res = load_json(res_dir / "MNIST.json")
     K = correlation.QUICK_SETTINGS["N_MODELS"]
@@ -51,26 +51,84 @@ def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_pa
     assert cfg["QUICK"] and cfg["DATASET"] == "MNIST" and cfg["LR"] == 0.01 and cfg["WIDTHS"] == [784, 16, 10, 10]
     assert cfg["DATA_DIR"] == str(tmp_path / "data")  # outside the repository: kept as given
     assert load_json(res_dir / "MNIST_training.json")["config"] == cfg
-    for m in ("phi_sphere", "phi_orthant", "psi", "val_loss", "train_loss_final", "loss_w", "phi_sphere_excess"):
-        assert len(res[m]) == K and all(np.isfinite(res[m]))
-    assert np.allclose(np.array(res["phi_sphere"]) - res["loss_w"], res["phi_sphere_excess"])
+    for m in (*correlation.METRICS, *correlation.EXCESS, "val_loss", "val_acc", "train_loss_final", "loss_w",
+              "train_loss_epoch_mean"):
+        assert len(res[m]) == K and all(np.isfinite(res[m])), m
+    for m in ("phi_sphere", "phi_orthant"):
+        assert np.allclose(np.array(res[m]) - res["loss_w"], res[f"{m}_excess"])
+    assert res["metric_time_s"] > 0 and res["hessian_time_s"] > 0 and res["train_time_s"] > 0
+    assert res["displacements"] == pytest.approx(correlation.displacements(cfg_of(res)))
+    read_back(res, tmp_path / "data")
     assert res["diverged_epoch"] == [None] * K and res["n_diverged"] == 0 and res["n_kept"] == K
     assert sorted(os.listdir(out)) == [".progress", "figures", "results"]  # no stage left behind
     assert os.listdir(out / ".progress") == []  # the run completed: its checkpoint is gone
-    assert all(p > 0 for p in res["psi"])
-    # sharpness averages losses at displaced weights: above the loss at the minimum on average
-    assert np.mean(res["phi_sphere"]) > np.mean(res["train_loss_final"]) - 0.5
     md = (res_dir / "table1.md").read_text()
-    assert "| sharpness (sphere): r with val. loss |" in md and "Quick run (--quick): not the paper's protocol" in md
+    assert "| sharpness phi (sphere) | " in md and "Quick run (--quick): not the paper's protocol" in md
+    assert "| curvature psi (authors' pair sum) | " in md and "| top Hessian eigenvalue | " in md
     csv = (res_dir / "table1.csv").read_text().splitlines()
-    assert csv[0] == "measure,MNIST ours,MNIST paper" and len(csv) == 15
+    assert csv[0].startswith("measure,MNIST r with val. loss [95% CI],MNIST p,MNIST Kendall tau [95% CI]")
+    assert len(csv) == 1 + len(correlation.METRICS) + len(correlation.EXCESS) + 1
     # metrics again from the saved weights (weights_only load): the same numbers, no training
     mtime = (res_dir / "MNIST_weights.pt").stat().st_mtime_ns
     correlation.main(resolve(correlation, args + ["--skip-training"]))
     again = load_json(res_dir / "MNIST.json")
     assert (res_dir / "MNIST_weights.pt").stat().st_mtime_ns == mtime
-    for m in ("phi_sphere", "phi_orthant", "psi", "val_loss"):
+    for m in (*correlation.PHI_PSI, "val_loss"):
         assert np.allclose(again[m], res[m], rtol=1e-6)
+    for m in correlation.HESSIAN:  # the same batches and random vectors
+        assert np.allclose(again[m], res[m], rtol=1e-4), m
+
+
+def cfg_of(res):
+    return {k: res["config"][k] for k in ("T_START", "T_STEP", "T_COUNT")}
+
+
+def read_back(res, data_dir):
+    """Every per-model number of a results record recomputed independently from its saved
+    weights: phi, L(w) and both psi by the reference lib.metrics functions (one draw at a time,
+    psi by nested forward-mode autodiff in float64), the Hessian measures by lib.hessian, the
+    losses by lib.models.evaluate, the correlations by scipy."""
+    from scipy.stats import kendalltau
+    from lib.data import load
+    from lib.hessian import adaptive_sharpness, hessian_trace, top_eigenvalue
+    from lib.metrics import curvature, sharpness
+    from lib.models import evaluate
+    cfg = res["config"]
+    data = load("MNIST", str(data_dir), "cpu", cfg["TRAIN_SIZE"])
+    t = load_tensors(os.path.join(ROOT if not os.path.isabs(cfg["OUT_DIR"]) else "", cfg["OUT_DIR"], "results",
+                                  "correlation", "MNIST_weights.pt"))
+    W = [t[f"W{j}"] for j in range(len(t))]
+    val, acc = evaluate(W, data.x_test, data.y_test, ACT)
+    assert np.allclose(res["val_loss"], val, rtol=1e-5) and np.allclose(res["val_acc"], acc, rtol=1e-5)
+    assert np.allclose(res["train_loss_final"], evaluate(W, data.x_train, data.y_train, ACT)[0], rtol=1e-5)
+    ts, sums = correlation.displacements(cfg), {}
+    for j in range(cfg["N_DRAWS"]):
+        X, Y, Ms, d_sph, d_pos = correlation.draw(j, data, W, len(ts), cfg["METRIC_BATCH"], cfg["DRAW_SEED"])
+        Wd, Xd, Md = [w.double() for w in W], X.double(), [M.double() for M in Ms]
+        got = {"phi_sphere": sharpness(W, X, Y, ACT, ts, d_sph), "phi_orthant": sharpness(W, X, Y, ACT, ts, d_pos),
+               "loss_w": sharpness(W, X, Y, ACT, [0.0], [d[:1] for d in d_sph]),
+               "psi_exact": curvature(Wd, Xd, ACT, Md), "psi_authors": curvature(Wd, Xd, ACT, Md, convention="authors")}
+        sums = {k: sums.get(k, 0) + v.double() for k, v in got.items()}
+    for k, v in sums.items():
+        np.testing.assert_allclose(res[k], v / cfg["N_DRAWS"], rtol=1e-4 if "psi" in k else 1e-5, err_msg=k)
+    assert not np.allclose(res["psi_exact"], res["psi_authors"], rtol=1e-3)  # the cross term counts
+    X, Y = correlation.draw(0, data, W, 1, cfg["METRIC_BATCH"], cfg["DRAW_SEED"])[:2]
+    gen = torch.Generator().manual_seed(cfg["DRAW_SEED"] * 0 + 1)
+    if cfg["HESSIAN_DRAWS"] == 1 and cfg["CHUNK"] >= len(W[0]):  # the same random vectors in the same order
+        got = {"hess_top": top_eigenvalue(W, X, Y, ACT, "ce", cfg["LANCZOS_ITERS"], gen),
+               "hess_trace": hessian_trace(W, X, Y, ACT, "ce", cfg["TRACE_SAMPLES"], gen),
+               **{f"asam_{k}": adaptive_sharpness(W, X, Y, ACT, cfg["ASAM_RHO"], "ce", k, cfg["ASAM_STEPS"], gen,
+                                                  samples=cfg["TRACE_SAMPLES"]) for k in ("worst", "average")}}
+        for k, v in got.items():
+            np.testing.assert_allclose(res[k], v, rtol=1e-5, err_msg=k)
+    c, ok = res["correlations"], correlation.kept(res)
+    for m in (*correlation.METRICS, *correlation.EXCESS):
+        x, y = np.array(res[m])[ok], np.array(res["val_loss"])[ok]
+        assert c[m]["r_val"] == pytest.approx(pearsonr(x, y)[0]) and c[m]["tau_val"] == pytest.approx(kendalltau(x, y)[0])
+        for k in ("ci_r_val", "ci_partial_r_val", "ci_tau_val"):
+            assert len(c[m][k]) == 2 and c[m][k][0] <= c[m][k][1], (m, k)
+        assert c[m]["ci_r_val"][0] <= c[m]["r_val"] <= c[m]["ci_r_val"][1] or len(x) < 6
+    assert c["train_loss"]["r_val"] == pytest.approx(pearsonr(res["train_loss_final"], res["val_loss"])[0])
 
 
 def test_lr_and_draw_seed_reach_the_run_and_are_recorded(tmp_path):
@@ -99,8 +157,9 @@ def test_lr_and_draw_seed_reach_the_run_and_are_recorded(tmp_path):
     seeded = [run_dataset(cfg("lr", "--lr=0.05", "--skip-training", "--draw-seed=7"), results("lr"))
               for _ in range(2)]
     assert seeded[0]["config"]["DRAW_SEED"] == 7 and seeded[0]["val_loss"] == fast["val_loss"]
-    for m in ("phi_sphere", "phi_orthant", "psi"):
+    for m in correlation.PHI_PSI:  # (the quick run's one Hessian draw is draw 0: seed 0 whatever DRAW_SEED)
         assert not np.allclose(seeded[0][m], fast[m]), m
+    for m in correlation.METRICS:
         assert seeded[0][m] == seeded[1][m], m
     # the saved weights were trained with lr 0.05: measuring them under another lr is refused
     with pytest.raises(UsageError, match="trained with LR=0.05"):
@@ -108,7 +167,7 @@ def test_lr_and_draw_seed_reach_the_run_and_are_recorded(tmp_path):
 
 
 def test_all_datasets_take_each_preset_and_the_users_value_wins():
-    assert resolve(correlation)["DATASET"] == "all" and resolve(correlation)["LR"] is None
+    assert resolve(correlation)["DATASET"] == "MNIST" and resolve(correlation)["LR"] is None
     lrs = {n: with_preset(resolve(correlation), correlation.PRESETS, "DATASETS", n)["LR"]
            for n in ("MNIST", "FashionMNIST", "CIFAR10")}
     assert lrs == {"MNIST": 0.01, "FashionMNIST": 0.01, "CIFAR10": 0.02}
@@ -130,7 +189,7 @@ def test_plot_only_redraws_the_committed_results_and_reproduces_the_table(tmp_pa
     run(correlation.main, vars(correlation), argv=["--plot-only", f"--out-dir={tmp_path}", "--fig-dpi=30"])
     for f in ("table1.md", "table1.csv"):
         assert (res_dir / f).read_bytes() == open(os.path.join(committed, f), "rb").read(), f
-    for f in ("sharpness_vs_val_loss", "curvature_vs_val_loss", "sharpness_vs_curvature"):
+    for f in correlation.FIGURES:
         assert (tmp_path / "figures" / "correlation" / f"MNIST_{f}.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -141,7 +200,7 @@ def test_cli_smoke_run_as_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, "correlation.py", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| curvature: r with val. loss |" in proc.stdout
+    assert "| curvature psi (exact) |" in proc.stdout
     assert (tmp_path / "results" / "correlation" / "table1.csv").exists()
 
 
@@ -149,14 +208,30 @@ def test_batched_metrics_equal_each_model_alone():
     data = synthetic("MNIST", 60, 20, seed=1)
     W = init_mlp([784, 16, 10, 10], [54321 * (i + 1) for i in range(3)])
     ts = correlation.displacements(MNIST)[:5]
-    batched = correlation.measure(W, data, ACT, ts, n_draws=1, batch=30, chunk=2, seed=12345)
+    # models in chunks of 2 (one draw per pass), and each model alone with 3 draws per pass
+    batched = correlation.measure(W, data, ACT, ts, n_draws=3, batch=30, chunk=2, seed=12345, psi_dtype=torch.float64)
     for k in range(3):
-        alone = correlation.measure([w[k:k + 1] for w in W], data, ACT, ts, n_draws=1, batch=30, chunk=1,
-                                    seed=12345)
-        for m in correlation.METRICS:
+        alone = correlation.measure([w[k:k + 1] for w in W], data, ACT, ts, n_draws=3, batch=30, chunk=3,
+                                    seed=12345, psi_dtype=torch.float64)
+        for m in (*correlation.PHI_PSI, "loss_w"):
             assert torch.allclose(alone[m], batched[m][k:k + 1], rtol=1e-5), m
     # the models differ, so the metrics do: the test would catch a broadcast of model 0
-    assert batched["psi"].unique().numel() == 3 and batched["phi_sphere"].unique().numel() == 3
+    assert batched["psi_exact"].unique().numel() == 3 and batched["phi_sphere"].unique().numel() == 3
+    # float32 (the default) against float64: the error budget of the Table 1 protocol
+    f32 = correlation.measure(W, data, ACT, ts, n_draws=3, batch=30, chunk=2, seed=12345)
+    for m in correlation.PHI_PSI:
+        assert torch.allclose(f32[m], batched[m], rtol=1e-4), m
+
+
+def test_stacked_draws_are_the_single_draws():
+    data = synthetic("MNIST", 60, 20, seed=1)
+    W = init_mlp([784, 16, 10, 10], [1, 2])
+    X, Y, Ms, d_sph, d_pos = correlation.draws(range(2, 5), data, W, 7, 30, 12345)
+    for g, j in enumerate(range(2, 5)):
+        one = correlation.draw(j, data, W, 7, 30, 12345)
+        assert torch.equal(X[g], one[0]) and torch.equal(Y[g], one[1])
+        for stacked, single in ((Ms, one[2]), (d_sph, one[3]), (d_pos, one[4])):
+            assert all(torch.equal(a[g], b) for a, b in zip(stacked, single))
 
 
 def test_draws_are_common_random_numbers_and_the_authors_lie_elements():
@@ -221,6 +296,9 @@ def test_gl54_shared_input_pseudo_inverse_equals_per_model():
 @pytest.mark.parametrize("argv,match", [(["--dataset=SVHN"], "unknown dataset 'SVHN'"),
                                         (["--n-draws=-3"], "n_draws must be > 0"),
                                         (["--psi-dtype=float16"], "unknown psi dtype"),
+                                        (["--psi-convention=paper"], "unknown psi convention 'paper'"),
+                                        (["--asam-rho=-1"], "asam_rho must be > 0"),
+                                        (["--tag=a/b"], "TAG may hold letters"),
                                         (["--lr=-1"], "lr must be > 0"),
                                         (["--plot-only"], "--plot-only: no saved results at")])
 def test_bad_input_is_one_line_error(argv, match, capsys, tmp_path):
@@ -285,28 +363,29 @@ def stop_at(monkeypatch, module, name, n):
     return calls
 
 
-NUMBERS = ("phi_sphere", "phi_orthant", "psi", "loss_w", "phi_sphere_excess", "val_loss", "val_acc",
-           "train_loss_final", "train_loss_epoch_mean")
+NUMBERS = (*correlation.METRICS, *correlation.EXCESS, "loss_w", "val_loss", "val_acc", "train_loss_final",
+           "train_loss_epoch_mean")
 
 
 def test_interrupted_in_training_and_in_metrics_resumes_to_the_same_numbers(tmp_path, monkeypatch, capsys):
     import lib.train
     write_fake(tmp_path / "data", "MNIST", n_train=80, n_test=40, seed=5)
     args = ["--quick", f"--data-dir={tmp_path / 'data'}", "--progress=False", "--n-draws=2", "--fig-dpi=30",
-            "--checkpoint-s=0"]
+            "--checkpoint-s=0", "--chunk=4", "--hessian-draws=2"]  # chunk = K: one draw per pass
     main = lambda out, *more: run(correlation.main, vars(correlation), argv=[*args, f"--out-dir={out}", *more])  # noqa: E731
     whole, out = tmp_path / "whole", tmp_path / "out"
     main(whole)
     main(out, "--epochs=1", "--n-draws=1")  # the previous complete set
     before = snapshot(out)
-    assert len(before) == 8  # 3 figures, 2 results JSON, weights, table .md and .csv
+    assert len(before) == 9  # 4 figures, 2 results JSON, weights, table .md and .csv
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # other settings than the saved results: refused
         main(out)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "EPOCHS=2 (saved: 1)" in err and "--replace" in err and err.count("\n") == 1
     for module, name, n, said in ((lib.train, "train_epoch", 2, "MNIST training, epoch 1 of 2"),
-                                  (correlation, "draw", 2, "MNIST metrics, draw 1 of 2")):
+                                  (correlation, "draw", 2, "MNIST metrics, draw 1 of 2"),
+                                  (correlation, "top_eigenvalue", 2, "MNIST hessian, draw 1 of 2")):
         with monkeypatch.context() as m:
             stop_at(m, module, name, n)
             with pytest.raises(SystemExit) as e:
@@ -316,8 +395,9 @@ def test_interrupted_in_training_and_in_metrics_resumes_to_the_same_numbers(tmp_
         assert snapshot(out) == before  # the previous set, whole and unchanged
         assert sorted(os.listdir(out)) == [".progress", "figures", "results"]
     epochs, draws = stop_at(monkeypatch, lib.train, "train_epoch", None), stop_at(monkeypatch, correlation, "draw", None)
+    eigs = stop_at(monkeypatch, correlation, "top_eigenvalue", None)
     main(out, "--replace")
-    assert (epochs, draws) == ([], [1])  # training was done, draw 0 too: draw 1 remained
+    assert (epochs, draws, eigs) == ([], [1], [1])  # training, phi and psi, and Hessian draw 0 were done
     assert "resuming from" in capsys.readouterr().err and os.listdir(out / ".progress") == []
     a, b = (load_json(d / "results" / "correlation" / "MNIST.json") for d in (whole, out))
     for k in NUMBERS:
@@ -350,18 +430,25 @@ def test_diverged_models_are_left_out_and_counted(tmp_path, monkeypatch):
     import lib.train
     write_fake(tmp_path / "data", "MNIST", n_train=80, n_test=40, seed=6)
     args = ["--quick", f"--data-dir={tmp_path / 'data'}", "--progress=False", "--n-draws=2", "--fig-dpi=30"]
-    figures = ("sharpness_vs_val_loss", "curvature_vs_val_loss", "sharpness_vs_curvature")
+    figures = correlation.FIGURES
     # an absurd learning rate: every model diverges in its first epoch; the run still completes
-    run(correlation.main, vars(correlation), argv=[*args, f"--out-dir={tmp_path / 'all'}", "--lr=1e6"])
+    # (as a variant run: --tag names every output file)
+    run(correlation.main, vars(correlation), argv=[*args, f"--out-dir={tmp_path / 'all'}", "--lr=1e6", "--tag=big-lr"])
     res_dir = tmp_path / "all" / "results" / "correlation"
-    res = load_json(res_dir / "MNIST.json")
+    assert sorted(os.listdir(res_dir)) == ["MNIST_big-lr.json", "MNIST_big-lr_training.json", "MNIST_big-lr_weights.pt",
+                                           "table1_big-lr.csv", "table1_big-lr.md"]
+    for f in correlation.FIGURES:
+        assert (tmp_path / "all" / "figures" / "correlation" / f"MNIST_big-lr_{f}.png").exists()
+    res = load_json(res_dir / "MNIST_big-lr.json")
+    assert res["config"]["TAG"] == "big-lr" and res["config"]["LR"] == 1e6
     assert res["diverged_epoch"] == [1] * 4 and res["n_diverged"] == 4 and res["n_kept"] == 0
-    assert res["phi_sphere"] == [None] * 4 and res["psi"] == [None] * 4  # not measured
-    assert res["correlations"]["psi"]["r_val"] is None
-    md = (res_dir / "table1.md").read_text()
+    for m in (*correlation.METRICS, "loss_w"):
+        assert res[m] == [None] * 4, m  # not measured
+    assert res["correlations"]["psi_exact"]["r_val"] is None and res["correlations"]["hess_top"]["tau_val"] is None
+    md = (res_dir / "table1_big-lr.md").read_text()
     assert "4 left out: 4 diverged in training" in md and "| n/a |" in md
     for f in figures:
-        assert (tmp_path / "all" / "figures" / "correlation" / f"MNIST_{f}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "all" / "figures" / "correlation" / f"MNIST_big-lr_{f}.png").read_bytes()[:4] == b"\x89PNG"
     # one model of five breaks in epoch 2: the correlations are those of the other four
     real = lib.train.train_epoch
 
@@ -377,8 +464,9 @@ def test_diverged_models_are_left_out_and_counted(tmp_path, monkeypatch):
     res_dir = tmp_path / "one" / "results" / "correlation"
     res = load_json(res_dir / "MNIST.json")
     assert res["diverged_epoch"] == [2, None, None, None, None] and res["n_kept"] == 4
-    assert res["phi_sphere"][0] is None and all(np.isfinite(res["phi_sphere"][1:] + res["psi"][1:]))
-    for m in ("phi_sphere", "psi"):
+    assert res["phi_sphere"][0] is None and res["hess_top"][0] is None
+    assert all(np.isfinite(res["phi_sphere"][1:] + res["psi_exact"][1:] + res["hess_trace"][1:]))
+    for m in ("phi_sphere", "psi_exact", "psi_authors", "asam_worst"):
         assert res["correlations"][m]["r_val"] == pytest.approx(pearsonr(res[m][1:], res["val_loss"][1:])[0])
     assert "1 left out: 1 diverged in training, r over the other 4" in (res_dir / "table1.md").read_text()
     for f in figures:
