@@ -3,36 +3,31 @@ several ways in one run, interleaved (the machine's speed drifts; others share t
 one untimed round of each (first-call costs and the torch.compile stay out of the timing):
 
   textbook  a torch.utils.data DataLoader over a TensorDataset of the same preloaded tensors,
-            one nn.Module model at a time (the usual research loop; reading every image
-            through torchvision's dataset and ToTensor, as most research code does, costs more);
+            one nn.Module model at a time, torch.optim (the usual research loop; reading every
+            image through torchvision's dataset and ToTensor, as most research code does, costs more);
   per-seed  lib's engine on preloaded tensors, one model (K=1) at a time;
-  batched   lib's engine, the 5 seeds as one batched model (K=5);
-  compiled  the batched engine with its training step through torch.compile (COMPILE).
+  batched   lib's engine, the 5 seeds as one batched model (K=5), torch.optim;
+  compiled  the batched engine with its gradient step through torch.compile, torch.optim after it;
+  fused     what teleport_optimization.py runs: lib.optim.BatchedOptimizer, the optimizer's update
+            inside the compiled step (lib.train.compiled_train_step): one compiled call per step.
 
 All start from the same weights and see the same images in the same order, so their per-seed
-epoch losses agree (checked and printed). Also times one teleport moment of the protocol (8
-batches of 200, 10 steps, all seeds; lib.arms.ArmHook with the teleport arm) against one batched
-training epoch.
+epoch losses agree (checked and printed). The fused step of each of the protocol's four optimizers
+(authors' learning rates) is timed too, and with one teleport moment of the protocol (8 batches of
+200, 10 steps, all seeds; lib.arms.ArmHook with the teleport arm; benchmarks/bench_teleport.py
+compares it with a textbook teleport) gives the estimated time of the whole Figure-5 protocol on
+50,000 images (4 optimizers x 40 epochs x 5 seeds, 2 arms or all 6 arms, one model per arm).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_training.py            # the bundled 4,000-image MNIST subset
     python benchmarks/bench_training.py --quick    # 1,000 images, no compile
 
-CPU runtime: about a minute on the 4,000-image subset (2 cores). Measured there (median of 3
-interleaved repeats, load average 0.5, one thread) with the earlier textbook loop, which read
-the images through torchvision's MNIST dataset and ToTensor: textbook 0.276 s, per-seed 0.059 s,
-batched 0.0165 s, compiled 0.0102 s per seed-epoch: the batched engine was 16.7x faster than that
-loop, and torch.compile makes it 1.6x faster per seed-epoch still, with losses equal to 3e-7.
-The TensorDataset loop skips the per-image conversion, so the speed-ups over it are smaller: on
-the bundled subset at a load average of 4 (every way slower than above), textbook 0.228 s,
-per-seed 0.162 s, batched 0.042 s per seed-epoch (5.4x), losses again equal to 3.5e-7.
-The eager engine (lib.models.loss_and_grads: hand-written backpropagation, fused torch.optim)
-spends ~0.42 ms per batched step, mostly the per-kernel overhead of ~30 small ops; torch.compile
-fuses them (compiled once per shape, ~20 s, before the timing). One teleport moment = 0.6 of a
-50,000-image epoch.
+CPU runtime: a few minutes on the 4,000-image subset (2 cores), most of it compiling. Measured
+numbers and the load they were measured at: README.md, "Speed of the batched engine". Load matters:
+every way slows down on a busy machine, the small-kernel ways most.
 
-Outputs: OUT_DIR/bench_training.json (the resolved config, the environment, the median seconds
-per way and the per-seed epoch losses); OUT_DIR defaults to runs/bench (git-ignored), never the
-committed results/. The numbers are also printed.
+Outputs: OUT_DIR/bench_training.json (the resolved config, the environment, the load average, the
+median seconds per way, microseconds per step, the protocol estimate and the per-seed epoch losses);
+OUT_DIR defaults to runs/bench (git-ignored), never the committed results/. The numbers are also printed.
 """
 import os
 import sys
@@ -57,7 +52,7 @@ DATASET = "MNIST"          # MNIST or FashionMNIST (lib.data.load, as the traini
 N_RUNS = 5                 # seeds (r+1)*54321
 TRAIN_SIZE = 50000         # seeded training subset, as teleport_optimization.py
 BATCH_SIZE = 20            # mini-batch size
-OPTIMIZER = "adagrad"      # sgd, momentum, adagrad, rmsprop, adam
+OPTIMIZER = "adagrad"      # momentum, adagrad, rmsprop, adam
 LR = 1e-2                  # learning rate
 REPEATS = 3                # interleaved repeats; medians are reported
 COMPILE = True             # also time the torch.compile'd engine (~20 s to compile, before the timing)
@@ -66,6 +61,7 @@ OUT_DIR = "runs/bench"     # bench_training.json goes here (git-ignored by defau
 # ------------------------------------------------------------------------------------------------
 QUICK_SETTINGS = {"REPEATS": 1, "N_RUNS": 2, "TRAIN_SIZE": 1000, "COMPILE": False}
 WIDTHS = [784, 16, 10, 10]
+PROTOCOL_LRS = {"adagrad": 1e-2, "momentum": 1e-3, "rmsprop": 1e-4, "adam": 1e-4}  # the Figure-5 presets
 ACT = Activation(0.1)
 
 
@@ -94,21 +90,22 @@ def textbook_epoch(cfg, data, W0):
     return losses
 
 
-def copy_model(cfg, W0, rows):
-    W, opt = make_model(WIDTHS, [0] * len(rows), cfg["OPTIMIZER"], cfg["LR"])
+def copy_model(cfg, W0, rows, fused=False, optimizer=None):
+    W, opt = make_model(WIDTHS, [0] * len(rows), optimizer or cfg["OPTIMIZER"], cfg["LR"], batched_optimizer=fused)
     with torch.no_grad():
         for w, w0 in zip(W, W0):
             w.copy_(w0[rows])
     return W, opt
 
 
-def engine_epoch(cfg, W0, data, batched, compile=False):
+def engine_epoch(cfg, W0, data, batched, compile=False, fused=False, optimizer=None):
     """One epoch of lib's engine: all seeds as one model, or one model (K=1) at a time;
-    compile=True: the training step through torch.compile (compiled once, before timing)."""
+    compile=True: the training step through torch.compile (compiled once, before timing);
+    fused=True: lib.optim.BatchedOptimizer, its update inside the (compiled) step."""
     groups = [list(range(W0[0].shape[0]))] if batched else [[k] for k in range(W0[0].shape[0])]
     losses = []
     for g in groups:
-        W, opt = copy_model(cfg, W0, g)
+        W, opt = copy_model(cfg, W0, g, fused, optimizer)
         losses += train_epoch(W, opt, data.x_train, data.y_train, ACT, cfg["BATCH_SIZE"], compile=compile).tolist()
     return losses
 
@@ -124,8 +121,20 @@ def teleport_moment(cfg, W0, data):
         hook(0, i)
 
 
+def protocol_estimate(med, cfg, n):
+    """Seconds for the whole Figure-5 protocol on 50,000 images (40 epochs, N_RUNS seeds batched,
+    one model per arm) from the measured epochs: per optimizer, n_arms epochs of its fused step
+    scaled to 50,000 images, plus its teleport moment once per arm that teleports (the
+    random-teleport arm's move is cheap and not counted). {arms: seconds} for 2 and 6 arms."""
+    scale, out = 50000 / n, {}
+    for arms, teleporting in ((2, 1), (6, 3)):
+        out[arms] = sum(arms * 40 * med[f"fused-{o}"] * scale + teleporting * med["teleport"] for o in PROTOCOL_LRS)
+    return out
+
+
 def main(cfg):
     check_choice("dataset", cfg["DATASET"], ("MNIST", "FashionMNIST"))
+    check_choice("optimizer", cfg["OPTIMIZER"], PROTOCOL_LRS)
     check_positive("lr", cfg["LR"])
     check_positive("repeats", cfg["REPEATS"], allow_zero=False)
     if "OMP_NUM_THREADS" not in os.environ:
@@ -136,37 +145,57 @@ def main(cfg):
             "per-seed": lambda: engine_epoch(cfg, W0, data, batched=False),
             "batched": lambda: engine_epoch(cfg, W0, data, batched=True),
             "compiled": lambda: engine_epoch(cfg, W0, data, batched=True, compile=True),
+            "fused": lambda: engine_epoch(cfg, W0, data, batched=True, compile=cfg["COMPILE"], fused=True),
             "teleport": lambda: teleport_moment(cfg, W0, data)}
+    for o in PROTOCOL_LRS:  # the fused step of every optimizer of the protocol, for the estimate
+        if o != cfg["OPTIMIZER"]:
+            ways[f"fused-{o}"] = lambda o=o: engine_epoch({**cfg, "LR": PROTOCOL_LRS[o]}, W0, data, batched=True,
+                                                          compile=cfg["COMPILE"], fused=True, optimizer=o)
     if not cfg["COMPILE"]:
         del ways["compiled"]
     for f in ways.values():  # one untimed round: one-off costs (first kernels, the compile) stay out of the timing
         f()
-    times, losses = {k: [] for k in ways}, {}
+    times, cpu, losses = {k: [] for k in ways}, {k: [] for k in ways}, {}
+    load_avg = os.getloadavg()[0]
     for _ in range(cfg["REPEATS"]):
         for name, f in ways.items():  # interleaved
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             losses[name] = f()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    load_avg = (load_avg + os.getloadavg()[0]) / 2
     med = {k: float(np.median(v)) for k, v in times.items()}
+    med_cpu = {k: float(np.median(v)) for k, v in cpu.items()}  # this process's CPU time: less hit by others' load
+    med[f"fused-{cfg['OPTIMIZER']}"] = med["fused"]
     K, n = cfg["N_RUNS"], len(data.y_train)
     print(f"{data.label}: {n} training images, {K} seeds, {cfg['OPTIMIZER']}, batch {cfg['BATCH_SIZE']}, "
-          f"threads {torch.get_num_threads()}, median of {cfg['REPEATS']} interleaved repeats")
-    engines = [w for w in ("textbook", "per-seed", "batched", "compiled") if w in ways]
+          f"threads {torch.get_num_threads()}, median of {cfg['REPEATS']} interleaved repeats, "
+          f"load average {load_avg:.1f}")
+    engines = [w for w in ("textbook", "per-seed", "batched", "compiled", "fused") if w in ways]
+    steps = -(-n // cfg["BATCH_SIZE"])
     for name in engines:
         print(f"{name:>9}: {med[name]:8.3f} s per epoch of {K} seeds, {med[name] / K:7.4f} s per seed-epoch, "
-              f"speed-up vs textbook {med['textbook'] / med[name]:6.1f}x")
-    if "compiled" in med:
-        print(f"torch.compile: {med['batched'] / med['compiled']:.1f}x faster per seed-epoch than the batched "
-              f"eager engine")
+              f"{med[name] / steps * 1e6:7.1f} us per step, speed-up vs textbook {med['textbook'] / med[name]:6.1f}x "
+              f"(CPU time: {med_cpu[name] / steps * 1e6:7.1f} us per step, {med_cpu['textbook'] / med_cpu[name]:6.1f}x)")
+    for o in PROTOCOL_LRS:
+        print(f"fused step, {o:>8}: {med[f'fused-{o}'] / steps * 1e6:7.1f} us per step of {K} models "
+              f"(CPU time {med_cpu.get(f'fused-{o}', med_cpu['fused']) / steps * 1e6:7.1f} us)")
+    epoch50k = med["fused"] * 50000 / n
     print(f" teleport: {med['teleport']:8.3f} s per teleport moment (8 x 200 images, 10 steps, {K} seeds) = "
-          f"{med['teleport'] / med['batched']:.2f} of one batched epoch on {n} images "
-          f"({med['teleport'] / med['batched'] * n / 50000:.3f} of a 50,000-image epoch)")
+          f"{med['teleport'] / epoch50k:.3f} of one fused 50,000-image epoch ({epoch50k:.2f} s, from the step time)")
+    est = protocol_estimate(med, cfg, n)
+    print(f"Figure-5 protocol on 50,000 images (4 optimizers x 40 epochs x {K} seeds), estimated: "
+          + ", ".join(f"{a} arms {v:.0f} s (CPU time {est_cpu[a]:.0f} s)" for a, v in est.items()))
     gap = max(abs(a - b) for name in engines[1:] for a, b in zip(losses[name], losses["textbook"]))
     print(f"per-seed epoch losses: textbook {np.round(losses['textbook'], 5).tolist()}; "
           f"max |difference| of the others: {gap:.2e}")
     path = save_json(os.path.join(cfg["OUT_DIR"], "bench_training.json"),
                      {"config": {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])},
-                      "environment": environment(), "seconds_per_epoch_median": med,
+                      "environment": environment(), "load_average": load_avg, "seconds_per_epoch_median": med,
+                      "cpu_seconds_per_epoch_median": med_cpu,
+                      "us_per_step": {k: v / steps * 1e6 for k, v in med.items() if k != "teleport"},
+                      "protocol_estimate_s_50k": {f"{a} arms": v for a, v in est.items()},
+                      "protocol_estimate_cpu_s_50k": {f"{a} arms": v for a, v in est_cpu.items()},
                       "epoch_losses": {k: v for k, v in losses.items() if k != "teleport"}, "max_loss_gap": gap})
     print(f"wrote {path}")
     return med, losses

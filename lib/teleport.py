@@ -100,37 +100,63 @@ def _grad_norm_rows(Z0, Ws, gram, Y, act, loss):
     return total + ((gram @ delta) * delta).sum((1, 2))
 
 
-def grad_norm_ascent(W, Z0, gram, Y, act, loss, pairs):
+def _ascent_objective(Ts, Z0, Ws, Zs, Aps, gram, Y, act, loss, pairs):
+    """||grad L||^2 (summed over models, and per model) of the weights linear in T of
+    grad_norm_ascent: W_1's pre-activations Z0 (K, B, d_1), the other layers Ws, each pair's
+    pre-activations Zs[m] and sigma(z)^+ Aps (K, B, n), in the order of `pairs`."""
+    Wl, Z = [None, *Ws], Z0
+    for T, m, Ap in zip(Ts, pairs, Aps):
+        if m == 0:
+            Z = Z + Z @ T.mT
+        else:
+            Wl[m] = Wl[m] + T @ Wl[m]
+        D = act.derivative(Zs[m]) * (Zs[m] @ T.mT)  # (sigma'(z) * (T z))^T in rows
+        Wl[m + 1] = Wl[m + 1] - Wl[m + 1] @ (D.mT @ Ap)
+    obj = _grad_norm_rows(Z, Wl[1:], gram, Y, act, loss)
+    return obj.sum(), obj
+
+
+_COMPILED = {}
+
+
+def _compiled_ascent(mode):
+    """torch.compile of the gradient (torch.func) of _ascent_objective, one per mode."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(torch.func.grad_and_value(_ascent_objective, has_aux=True),
+                                        dynamic=False, mode=mode)
+    return _COMPILED[mode]
+
+
+def grad_norm_ascent(W, Z0, gram, Y, act, loss, pairs, compile=False):
     """||grad L||^2 at W (K,) and its gradient in the algebra elements T (one (K, n, n) per acted
     pair) of eq. (46) at T = 0, without differentiating a pseudo-inverse: where sigma(z) (n x B,
     z = V h) has full row rank, d/dT [U sigma(z) sigma((I + T) z)^+] = -U (sigma'(z) * (T z)) sigma(z)^+,
     and V <- (I + T) V: to first order, all the gradient sees, the weights are linear in T.
-    Z0 = X W_1^T (K, B, d_1), gram = X X^T (_grad_norm_rows). Returns (objective, grads, the
-    pre-activations Zs) or None where a pair's sigma(z) lacks full row rank (use the generic path)."""
+    Z0 = X W_1^T (K, B, d_1), gram = X X^T (_grad_norm_rows). compile: the step through
+    torch.compile, in mode `compile` ('default', or 'reduce-overhead' for CUDA graphs) if a string.
+    Returns (objective, grads, the pre-activations Zs) or None where a pair's sigma(z) lacks full
+    row rank (then use the generic path)."""
     Zs = _preacts(Z0, W[1:], act)
     Aps = [pinv_rows(act(Zs[m]).mT) for m in pairs]  # sigma(z)^+ : (K, B, n)
     if not all(ok for _, ok in Aps):
         return None
-    Ts = [torch.zeros(W[m].shape[0], W[m].shape[1], W[m].shape[1], dtype=W[0].dtype, device=W[0].device,
-                      requires_grad=True) for m in pairs]
-    Wl, Z = list(W), Z0
+    Ts = [torch.zeros(W[m].shape[0], W[m].shape[1], W[m].shape[1], dtype=W[0].dtype, device=W[0].device)
+          for m in pairs]
+    args = (Z0, W[1:], Zs, [a for a, _ in Aps], gram, Y, act, loss, pairs)
+    if compile:
+        grads, (_, obj) = _compiled_ascent(compile if isinstance(compile, str) else "default")(Ts, *args)
+        return obj.detach(), [g.detach() for g in grads], Zs
     with torch.enable_grad():
-        for T, m, (Ap, _) in zip(Ts, pairs, Aps):
-            if m == 0:
-                Z = Z + Z @ T.mT
-            else:
-                Wl[m] = Wl[m] + T @ Wl[m]
-            D = act.derivative(Zs[m]) * (Zs[m] @ T.mT)  # (sigma'(z) * (T z))^T in rows
-            Wl[m + 1] = Wl[m + 1] - Wl[m + 1] @ (D.mT @ Ap)
-        obj = _grad_norm_rows(Z, Wl[1:], gram, Y, act, loss)
-        return obj.detach(), list(torch.autograd.grad(obj.sum(), Ts)), Zs
+        Ts = [T.requires_grad_() for T in Ts]
+        total, obj = _ascent_objective(Ts, *args)
+        return obj.detach(), list(torch.autograd.grad(total, Ts)), Zs
 
 
 @torch.no_grad()
-def _fast_value(W, X, Y, act, loss):
-    """||grad L||^2 per model (K,) without autograd (_grad_norm_rows)."""
+def _fast_value(W, X, Y, act, loss, gram=None):
+    """||grad L||^2 per model (K,) without autograd (_grad_norm_rows); gram = X X^T if known."""
     from lib.models import forward
-    return _grad_norm_rows(forward(W[:1], X, act), W[1:], X @ X.T, Y, act, loss)
+    return _grad_norm_rows(forward(W[:1], X, act), W[1:], X @ X.T if gram is None else gram, Y, act, loss)
 
 
 def _fast(objective, action, X):
@@ -191,7 +217,7 @@ def _drift_record(W0, W1, X, Y, act, loss, heldout):
 
 
 def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, stop_above=None,
-             heldout=None, loss="ce", tangents=None):
+             heldout=None, loss="ce", tangents=None, compile=False):
     """Teleport K models on batch (X, Y): `steps` steps T <- +-lr * d objective(g.W) / dT at
     T = 0, then W <- (I + T).W (or exp(T).W), all acted pairs at once. A model stops once its
     objective exceeds `stop_above` (checked before each step, as the authors).
@@ -200,20 +226,21 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
     the record holds per-model lists: objective and losses before/after, steps, algebra_norm, time_s.
     ||grad L||^2 under eq. (46), g = I + T, without tangents: the fast path (grad_norm_ascent,
     gl46_move: no autograd through a pseudo-inverse, no second backward, nothing of input width
-    per step), the same steps to rounding, while every acted sigma(z) has full row rank."""
+    per step), the same steps to rounding, while every acted sigma(z) has full row rank;
+    compile=True (or a torch.compile mode): its ascent step compiled (grad_norm_ascent)."""
     if lr < 0:
         raise UsageError(f"teleport step size must be >= 0, got {lr}")
     t0 = time.perf_counter()
     W0 = W = [w.detach() for w in W]
     K = W[0].shape[0]
     active, n_steps, G = torch.ones(K, dtype=torch.bool, device=W[0].device), torch.zeros(K), None
-    fast = _fast(objective, action, X) if not tangents else None
+    fast, gram = _fast(objective, action, X) if not tangents else None, None
     if fast:  # first-layer pre-activations and the Gram matrix, tracked without the input width
         from lib.models import forward
-        gram, Z0, pairs = X @ X.T, forward(W[:1], X, act), action.acted_pairs(W)
+        gram, Z0, pairs = X @ X.T, forward(W[:1], X, act).contiguous(), action.acted_pairs(W)
     before = None
     for _ in range(steps):
-        res = fast and grad_norm_ascent(W, Z0, gram, Y, *fast, pairs)
+        res = fast and grad_norm_ascent(W, Z0, gram, Y, *fast, pairs, compile)
         fast = fast if res else None  # no full row rank: the generic path from here on
         obj, grads = res[:2] if res else _ascent(objective, action, W, X, Y, act)
         before = obj if before is None else before
@@ -231,7 +258,8 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
             W, tangents = _apply(action, W, Ts, X, act, tangents)
         G, n_steps = _compose(action, G or [None] * len(Ts), Ts), n_steps + active.cpu()
     known = _fast(objective, action, X)  # ||grad L||^2 without autograd, else through the objective
-    value = (lambda _, V, X, Y: _fast_value(V, X, Y, *known)) if known else _value
+    gram = X @ X.T if known and gram is None else gram
+    value = (lambda _, V, X, Y: _fast_value(V, X, Y, *known, gram)) if known else _value
     before = value(objective, W0, X, Y) if before is None or not fast else before
     G = G or [torch.zeros(s, device=W[0].device) if action.name == "rescale"
               else torch.eye(s[-1], device=W[0].device).expand(s) for s in action.algebra_shapes(W)]

@@ -71,6 +71,9 @@ def compiled_train_step(W, opt, X, Y, act, loss="ce"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # optimizers x shapes
         fn = _COMPILED[("step", mode)] = torch.compile(train_step, dynamic=False, mode=mode)
     args = ([w.detach() for w in W], list(bufs), scales, X, Y, act, loss, opt.name, opt.lr)
+    if mode == "reduce-overhead":  # weights and state are updated in place: fixed addresses for the CUDA graph
+        for t in (*args[0], *(b for bs in bufs for b in bs)):
+            torch._dynamo.mark_static_address(t)
     if fn is not train_step:
         try:
             return fn(*args)

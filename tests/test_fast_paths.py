@@ -152,3 +152,12 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "teleport_optimization.py"), "--quick", "--device=cuda",
                         f"--out-dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no CUDA GPU" in r.stderr
+
+
+@pytest.mark.slow
+def test_compiled_teleport_ascent_equals_eager(leaky):
+    W, X, Y = _mlp_batch()
+    args = (W, forward(W[:1], X, leaky), X @ X.T, Y, leaky, "ce", [0, 1])
+    eager, compiled = grad_norm_ascent(*args), grad_norm_ascent(*args, compile=True)
+    assert torch.allclose(eager[0], compiled[0], rtol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(eager[1], compiled[1]))
