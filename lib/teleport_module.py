@@ -257,7 +257,13 @@ class Symmetry:
         finally:
             for h in hooks:
                 h.remove()
-        return [seen[i].reshape(-1, seen[i].shape[-1]) for i in range(len(self.parts))]
+        hs = [seen[i].reshape(-1, seen[i].shape[-1]) for i in range(len(self.parts))]
+        wide = [f"{p.v_weight} ({p.v.out_features})" for p, h in zip(self.parts, hs) if len(h) > p.v.out_features]
+        if wide and not any(line.startswith("batch of") for line in self.notices):
+            self.notices.append(f"batch of {len(hs[0])} > hidden width of {', '.join(wide)}: eq. (46) is approximate "
+                                "there, the loss moves (loss_before/after)")
+            warnings.warn(f"teleport_module: {self.notices[-1]}", stacklevel=4)
+        return hs
 
     def __call__(self, params, elements, hs):
         if self.group == "rescale":

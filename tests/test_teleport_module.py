@@ -120,7 +120,17 @@ def test_gl46_keeps_teleport_batch_loss_when_batch_at_most_width():
     assert abs(rep["loss_after"] - rep["loss_before"]) < 1e-10
     assert rep["objective_after"] > rep["objective_before"] * 1.01 and rep["units"] == 15
     assert (model[0].bias - before[0].bias).abs().max() > 1e-3  # the bias moves with g
-    assert rep["size"] > 1e-2
+    assert rep["size"] > 1e-2 and rep["notices"] == []
+
+
+def test_gl46_says_when_the_batch_is_wider_than_a_hidden_layer():
+    model = seeded(lambda: nn.Sequential(nn.Linear(5, 8), nn.LeakyReLU(0.1), nn.Linear(8, 4),
+                                         nn.LeakyReLU(0.1), nn.Linear(4, 3)))
+    x, y = batch((5,), 6)  # 6 > width 4
+    with pytest.warns(UserWarning, match="approximate"):
+        rep = teleport_module(model, F.cross_entropy, x, y, group="gl", lr=0.2, steps=3)
+    assert rep["notices"] == ["batch of 6 > hidden width of 2.weight (4): eq. (46) is approximate there, "
+                              "the loss moves (loss_before/after)"]
 
 
 def test_unsupported_layer_gives_notice_and_keeps_function():
