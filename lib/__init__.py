@@ -1,7 +1,8 @@
 """Shared library for the symmetry-teleportation reproduction (Zhao et al., ICLR 2024).
 
 One idea per file: models (MLPs with a leading model dimension), actions (group actions),
-metrics (gradient norms, sharpness, curvature), teleport (the teleport routine of the batched
+metrics (gradient norms, sharpness, curvature), hessian (top eigenvalue, trace, adaptive
+sharpness), teleport (the teleport routine of the batched
 engine), teleport_module (teleporting an ordinary nn.Module and its torch.optim optimizer), optim
 (optimizers and state strategies), train (the batched training engine), arms (control arms), data
 (datasets as preloaded tensors), quadratic (Section 3's quadratics), config (script overrides and
@@ -12,7 +13,9 @@ report (figures, console rows, tables).
 lib.teleport_module (and torch) only when asked (PEP 562), so `import lib.config` stays free of
 torch. `lib.teleport_module` names the function even after the submodule of the same name was
 imported (as `from lib.teleport_module import teleport_module` in an __init__ would leave it);
-the submodule itself is `sys.modules["lib.teleport_module"]`.
+`from lib.teleport_module import Symmetry` reaches the submodule's other names (`import
+lib.teleport_module as m` gives the function, as with any package that exports a function under
+its module's name).
 """
 import sys
 import types
