@@ -2,12 +2,12 @@
 
 One idea per file: models (MLPs with a leading model dimension), actions (group actions),
 metrics (gradient norms, sharpness, curvature), hessian (top eigenvalue, trace, adaptive
-sharpness), teleport (the teleport routine of the batched
-engine), teleport_module (teleporting an ordinary nn.Module and its torch.optim optimizer), optim
-(optimizers and state strategies), train (the batched training engine), arms (control arms), data
-(datasets as preloaded tensors), quadratic (Section 3's quadratics), config (script overrides and
-errors), io (JSON and atomic writes), progress (resumable runs), stats (correlations), plots and
-report (figures, console rows, tables).
+sharpness), teleport (the teleport routine of the batched engine), teleport_module (teleporting an
+ordinary nn.Module and its torch.optim optimizer), optim (optimizers and state strategies), train
+(the batched training engine), arms (control arms), data (datasets as preloaded tensors),
+quadratic (Section 3's quadratics), config (script overrides and errors), io (JSON and atomic
+writes), progress (resumable runs), stats (correlations), plots and report (figures, console
+rows, tables).
 
 `from lib import teleport_module, random_teleport_module` gives the two functions; it imports
 lib.teleport_module (and torch) only when asked (PEP 562), so `import lib.config` stays free of
