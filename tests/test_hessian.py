@@ -56,6 +56,16 @@ def full_hessians(W, X, Y, act, loss):
     return blocks
 
 
+@pytest.fixture(scope="module")
+def mlp():
+    """Three 5-4-3 LeakyReLU MLPs (P = 32), a cross-entropy batch, and their exact Hessians
+    (3, 32, 32), computed once for the tests that need them."""
+    from lib.models import Activation
+    W = make_weights([5, 4, 3], K=3, seed=1)
+    X, Y = make_batch(30, 5, 3, seed=0)
+    return W, X, Y, full_hessians(W, X, Y, Activation(0.1), "ce")
+
+
 def test_hvp_is_the_hessian_times_the_vector_per_model():
     W, X, Y, H = linear_problem(at_minimum=False)
     v = torch.randn(3, H.shape[0], generator=gen(1), dtype=torch.float64)
@@ -69,12 +79,11 @@ def test_top_eigenvalue_of_a_quadratic_equals_eigvalsh():
     assert got.shape == (3,) and torch.allclose(got, exact.expand(3), rtol=1e-10, atol=0)
 
 
-def test_top_eigenvalue_of_an_mlp_equals_autograd_hessian(leaky):
+def test_top_eigenvalue_of_an_mlp_equals_autograd_hessian(leaky, mlp):
     """A 5-4-3 LeakyReLU MLP with cross-entropy, P = 32: after 20 Lanczos steps the top Ritz
     value equals the largest eigenvalue of autograd's Hessian to 1e-6 relative."""
-    W = make_weights([5, 4, 3], K=3, seed=1)
-    X, Y = make_batch(30, 5, 3, seed=0)
-    evs = torch.linalg.eigvalsh(full_hessians(W, X, Y, leaky, "ce"))
+    W, X, Y, Hs = mlp
+    evs = torch.linalg.eigvalsh(Hs)
     got = top_eigenvalue(W, X, Y, leaky, iters=20, generator=gen(1), tol=0)
     for k, ev in enumerate(evs):
         assert got[k] == pytest.approx(ev[-1].item(), rel=1e-6)
@@ -120,13 +129,12 @@ def test_average_case_adaptive_sharpness_of_a_quadratic():
     assert got.item() == pytest.approx(exact.item(), rel=0.05)
 
 
-def test_batched_over_models_equals_one_model_at_a_time(leaky):
+def test_batched_over_models_equals_one_model_at_a_time(leaky, mlp):
     """Each model's value is its own: model 0 next to model 1 gives what it gives next to an
     other model 2 (the random draws of row 0 are the same; norms, steps and stopping are per
     model), and Hutchinson's estimate of model k is the mean of v_k^T H_k v_k over the drawn
     vectors with autograd's Hessian of model k alone."""
-    W = make_weights([5, 4, 3], K=3, seed=2)
-    X, Y = make_batch(20, 5, 3, seed=1)
+    W, X, Y, Hs = mlp
     pair = lambda k: [torch.stack([w[0], w[k]]) for w in W]  # noqa: E731
     fns = {"top": lambda U: top_eigenvalue(U, X, Y, leaky, iters=8, generator=gen(0), tol=0),
            "trace": lambda U: hessian_trace(U, X, Y, leaky, samples=4, generator=gen(0)),
@@ -138,7 +146,7 @@ def test_batched_over_models_equals_one_model_at_a_time(leaky):
         assert abs(a[1] - b[1]) > 1e-6 * abs(a[1]), name  # the other models do differ
     g, P = gen(0), 32
     vs = [(2 * torch.randint(0, 2, (3, P), generator=g) - 1).double() for _ in range(4)]
-    tr, Hs = fns["trace"](W), full_hessians(W, X, Y, leaky, "ce")
+    tr = fns["trace"](W)
     for k, H in enumerate(Hs):
         assert tr[k].item() == pytest.approx(np.mean([(v[k] @ H @ v[k]).item() for v in vs]), rel=1e-10)
 
