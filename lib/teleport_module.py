@@ -413,6 +413,8 @@ def teleport_module(model, loss_fn, inputs, targets, *, group="rescale", objecti
     t0 = time.perf_counter()
     sym, params, buffers = _begin(model, group)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise UsageError("the model has no trainable parameters: nothing to teleport")
     f = make_objective(objective, model, buffers, loss_fn, inputs, targets, names, optimizer, sharpness_ts, generator)
     leaf = lambda P: {n: p.detach().requires_grad_(n in names) for n, p in P.items()}  # noqa: E731
     before = float(f(leaf(params)).detach())

@@ -188,6 +188,8 @@ def test_usage_errors():
                {"objective": "a_norm", "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}):
         with pytest.raises(UsageError):
             teleport_module(model, F.cross_entropy, x, y, **kw)
+    with pytest.raises(UsageError, match="no trainable"):
+        teleport_module(copy.deepcopy(model).requires_grad_(False), F.cross_entropy, x, y)
     with pytest.raises(UsageError, match="lib.teleport.teleport"):
         teleport_module(model, F.cross_entropy, x, y, objective="curvature")  # defined for the engine only
     with pytest.raises(UsageError):
