@@ -119,6 +119,27 @@ def test_worst_case_adaptive_sharpness_of_a_quadratic_at_its_minimum():
     assert few.item() < 0.9 * exact.item()  # a random start alone is not the maximum
 
 
+def test_worst_case_adaptive_sharpness_with_the_gradient_term():
+    """Away from the minimum L(w + |w| u) - L(w) = b^T u + 0.5 u^T A u with b = D grad L,
+    A = D H D: its maximum over ||u|| <= rho lies on the sphere at u = (mu I - A)^-1 b with the
+    mu > lambda_max(A) for which ||u|| = rho (the trust-region condition), found by bisection."""
+    W, X, Y, H = linear_problem(K=1, at_minimum=False, seed=4)
+    rho, w = 0.05, W[0][0].flatten()
+    D = torch.diag(w.abs())
+    grad = (W[0][0] @ X.T - Y.T) @ X  # d/dW of 0.5 ||X W^T - Y||^2
+    b, A = D @ grad.flatten(), D @ H @ D
+    lo, hi = torch.linalg.eigvalsh(A)[-1].item(), 1e6
+    u = None
+    for _ in range(200):  # ||(mu I - A)^-1 b|| decreases in mu > lambda_max(A)
+        mu = (lo + hi) / 2
+        u = torch.linalg.solve(mu * torch.eye(len(b), dtype=b.dtype) - A, b)
+        lo, hi = (mu, hi) if u.norm() > rho else (lo, mu)
+    exact = (b @ u + 0.5 * u @ A @ u).item()
+    got = adaptive_sharpness(W, X, Y, ACT, rho, "mse", steps=100, generator=gen(1))
+    assert got.item() == pytest.approx(exact, rel=1e-6)
+    assert exact > rho * b.norm().item()  # the curvature term counts: not the first-order answer
+
+
 def test_average_case_adaptive_sharpness_of_a_quadratic():
     """E over u ~ N(0, rho^2 I) of 0.5 u^T D H D u = rho^2 / 2 * tr(D H D)."""
     W, X, Y, H = linear_problem(K=1)
