@@ -25,13 +25,13 @@ moments: reset-only (the reset, no move) and random-teleport (random_teleport_mo
 of the teleport of the same seed and moment, state reset). Wall time: training steps and arm moments
 (teleport, reset), evaluation excluded; a teleport's cost in optimizer steps is its wall time over the
 run's median step time.
-Runtime: ~10 min on one thread of 2 shared cores at load ~10 (about 5 min idle, est.), bundled
+Runtime: 11 min on one thread of 2 shared cores at load 8-10 (about 5 min idle, est.), bundled
 4,000-image MNIST; --quick a few seconds. Wall times on shared cores are noisy: the arms of a seed run
 back to back so that load changes fall on all arms alike.
 Headline: the teleports lower the epoch-1 training loss (mean of its batches, paired by seed, 5 seeds:
 momentum -0.10 +- 0.05, Adam -0.034 +- 0.019; as much against reset-only and random-teleport), then
 trail at epoch 2 (+0.11 +- 0.11, +0.027 +- 0.014) and are level by epoch 10 (-0.001 +- 0.005,
-+0.007 +- 0.012). One teleport costs 70-80 optimizer steps (median; 6 per run, ~7 epochs of steps in
++0.007 +- 0.012). One teleport costs 75-76 optimizer steps (median; 6 per run, ~7 epochs of steps in
 all), so per wall time the teleport arm trails throughout.
 
 Outputs: under OUT_DIR, results/cnn/<DATASET>_<optimizer>.json (config, environment, data, per arm the
