@@ -274,3 +274,18 @@ def test_quick_run_as_a_subprocess(tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert names == sorted([f"MNIST_{o}_loss_vs_{k}.png" for o in ("momentum", "adam") for k in ("epoch", "time")]
                            + ["MNIST_momentum.json", "MNIST_adam.json", "MNIST_summary.json", "MNIST_summary.md"])
+
+
+def test_committed_tables_follow_from_the_committed_results(tmp_path, capsys):
+    """--plot-only on a copy of the committed results prints the committed summary exactly and
+    leaves the results files as they were."""
+    res = tmp_path / "results" / "cnn"
+    res.mkdir(parents=True)
+    for opt in ("momentum", "adam"):
+        shutil.copy(os.path.join(ROOT, "results", "cnn", f"MNIST_{opt}.json"), res)
+    before = {p.name: p.read_bytes() for p in res.iterdir()}
+    run(script.main, vars(script), argv=["--plot-only", f"--out-dir={tmp_path}", "--progress=False"])
+    committed = open(os.path.join(ROOT, "results", "cnn", "MNIST_summary.md")).read()
+    assert committed in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in res.iterdir()} == before
+    assert (tmp_path / "figures" / "cnn" / "MNIST_adam_loss_vs_time.png").stat().st_size > 1000
