@@ -143,6 +143,10 @@ class ArmHook:
         a = self.arms.index(arm)
         return slice(a * self.K, (a + 1) * self.K)
 
+    def active_batches(self, epoch):
+        """How many leading batches of `epoch` this hook acts before (lib.train.fit calls it only there)."""
+        return self.moments.n_batches if epoch in self.moments.epochs else 0
+
     def __call__(self, epoch, i):
         if epoch not in self.moments.epochs or i >= self.moments.n_batches:
             return

@@ -37,25 +37,31 @@ def make_objective(name, act, loss="ce", precond=None, ts=None, kind="sphere", n
     raise UsageError(f"unknown teleport objective {name!r}; known: {', '.join(OBJECTIVES)}")
 
 
-def pinv_rows(A, rtol=None):
-    """Moore-Penrose pseudo-inverse of A (K, m, n) of full row rank m <= n, A^+ = A^T (A A^T)^{-1},
-    from a Cholesky factor of the m x m Gram matrix in float64 instead of an SVD of A. Falls back to
-    torch.linalg.pinv(A) where m > n, the Cholesky fails, or a model's Gram matrix may have an
-    eigenvalue below (rtol * its largest)^2, pinv's cut-off (rtol = max(m, n) * eps of A's dtype),
-    tested by the sufficient bound lambda_min / lambda_max >= 1 / (tr(A A^T) tr((A A^T)^{-1})).
-    Returns (A^+ (K, n, m) in A's dtype, True if it came from the solve)."""
+def _solve_pinv(A, rtol=None):
+    """A^+ = A^T (A A^T)^{-1} for A (K, m, n), m <= n, from a Cholesky factor of the m x m Gram matrix
+    in float64, and whether it is safe for every model (a 0-dim bool tensor, no sync): the Cholesky
+    succeeded and lambda_min / lambda_max >= 1 / (tr(A A^T) tr((A A^T)^{-1})) exceeds rtol^2, so no
+    singular value of A is below pinv's cut-off rtol * sigma_max (rtol = max(m, n) * eps of A's dtype)."""
     m, n = A.shape[-2:]
     rtol = max(m, n) * torch.finfo(A.dtype).eps if rtol is None else rtol
     A64 = A.detach().double()
     gram = A64 @ A64.mT
-    try:
-        inv = torch.cholesky_inverse(torch.linalg.cholesky(gram)) if m <= n else None
-    except torch.linalg.LinAlgError:
-        inv = None
+    L, info = torch.linalg.cholesky_ex(gram)
+    inv = torch.cholesky_inverse(L)
     tr = lambda M: M.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
-    if inv is None or not bool((tr(gram) * tr(inv) * rtol ** 2 < 1).all()):
-        return torch.linalg.pinv(A.detach()), False
-    return (A64.mT @ inv).to(A.dtype), True
+    ok = (info == 0).all() & (tr(gram) * tr(inv) * rtol ** 2 < 1).all()
+    return (A64.mT @ inv).to(A.dtype), ok
+
+
+def pinv_rows(A, rtol=None):
+    """Moore-Penrose pseudo-inverse of A (K, m, n) of full row rank m <= n by _solve_pinv (a Cholesky
+    solve in float64, not an SVD of A); torch.linalg.pinv(A) where m > n or _solve_pinv is not
+    safe for every model. Returns (A^+ (K, n, m) in A's dtype, True if it came from the solve)."""
+    if A.shape[-2] <= A.shape[-1]:
+        P, ok = _solve_pinv(A, rtol)
+        if bool(ok):
+            return P, True
+    return torch.linalg.pinv(A.detach()), False
 
 
 def _preacts(Z0, Ws, act):
@@ -66,20 +72,26 @@ def _preacts(Z0, Ws, act):
     return Zs
 
 
+def _gl46_move(W, Ts, Zs, act, pairs, pinv=_solve_pinv):
+    """gl46_move's formula with a given pseudo-inverse; returns (W', Z_1', all solves safe)."""
+    new, right, Z0, ok = list(W), [None] * len(W), Zs[0], torch.ones((), dtype=torch.bool, device=W[0].device)
+    for T, m in zip(Ts, pairs):
+        g = torch.eye(T.shape[-1], dtype=T.dtype, device=T.device) + T
+        gz = Zs[m] @ g.mT
+        new[m] = g @ W[m]
+        P, safe = pinv(act(gz).mT)
+        right[m + 1], ok = act(Zs[m]).mT @ P, ok & safe
+        Z0 = gz if m == 0 else Z0
+    return [w if r is None else w @ r for w, r in zip(new, right)], Z0, ok
+
+
 def gl46_move(W, Ts, Zs, act, pairs):
     """Eq. (46) with g = I + T on the acted `pairs`, as lib.actions.GLAction(46) but with the
     pseudo-inverse from pinv_rows: V <- g V, U <- U sigma(z) sigma(g z)^+ with z = V h the pair's
     pre-activations of the current weights, given in rows: Zs[m] (K, B, n) (_preacts).
     W: (K, out, in); Ts: (K, n, n) per pair. Returns the new weights and the first layer's new
     pre-activations Z_1 g_1^T (= X W_1'^T, kept without the input width)."""
-    new, right, Z0 = list(W), [None] * len(W), Zs[0]
-    for T, m in zip(Ts, pairs):
-        g = torch.eye(T.shape[-1], dtype=T.dtype, device=T.device) + T
-        gz = Zs[m] @ g.mT
-        new[m] = g @ W[m]
-        right[m + 1] = act(Zs[m]).mT @ pinv_rows(act(gz).mT)[0]
-        Z0 = gz if m == 0 else Z0
-    return [w if r is None else w @ r for w, r in zip(new, right)], Z0
+    return _gl46_move(W, Ts, Zs, act, pairs, lambda A: (pinv_rows(A)[0], True))[:2]
 
 
 def _grad_norm_rows(Z0, Ws, gram, Y, act, loss):
@@ -116,15 +128,29 @@ def _ascent_objective(Ts, Z0, Ws, Zs, Aps, gram, Y, act, loss, pairs):
     return obj.sum(), obj
 
 
+def _ascent_step(W, Z0, gram, Y, act, loss, pairs):
+    """One step of grad_norm_ascent before the rank check: (objective (K,), grads per pair,
+    pre-activations Zs, whether every sigma(z)^+ came safely from the solve)."""
+    Zs = _preacts(Z0, W[1:], act)
+    Aps, oks = zip(*(_solve_pinv(act(Zs[m]).mT) for m in pairs))
+    Ts = [torch.zeros(W[m].shape[0], W[m].shape[1], W[m].shape[1], dtype=W[0].dtype, device=W[0].device)
+          for m in pairs]
+    grads, (_, obj) = torch.func.grad_and_value(_ascent_objective, has_aux=True)(
+        Ts, Z0, W[1:], Zs, list(Aps), gram, Y, act, loss, pairs)
+    return obj, grads, Zs, torch.stack(oks).all()
+
+
 _COMPILED = {}
 
 
-def _compiled_ascent(mode):
-    """torch.compile of the gradient (torch.func) of _ascent_objective, one per mode."""
-    if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(torch.func.grad_and_value(_ascent_objective, has_aux=True),
-                                        dynamic=False, mode=mode)
-    return _COMPILED[mode]
+def _compiled(fn, mode):
+    """torch.compile of one of the fast path's steps, once per (function, mode); mode False: fn itself."""
+    if not mode:
+        return fn
+    key = (fn.__name__, "default" if mode is True else mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False, mode=key[1])
+    return _COMPILED[key]
 
 
 def grad_norm_ascent(W, Z0, gram, Y, act, loss, pairs, compile=False):
@@ -133,23 +159,14 @@ def grad_norm_ascent(W, Z0, gram, Y, act, loss, pairs, compile=False):
     z = V h) has full row rank, d/dT [U sigma(z) sigma((I + T) z)^+] = -U (sigma'(z) * (T z)) sigma(z)^+,
     and V <- (I + T) V: to first order, all the gradient sees, the weights are linear in T.
     Z0 = X W_1^T (K, B, d_1), gram = X X^T (_grad_norm_rows). compile: the step through
-    torch.compile, in mode `compile` ('default', or 'reduce-overhead' for CUDA graphs) if a string.
-    Returns (objective, grads, the pre-activations Zs) or None where a pair's sigma(z) lacks full
-    row rank (then use the generic path)."""
-    Zs = _preacts(Z0, W[1:], act)
-    Aps = [pinv_rows(act(Zs[m]).mT) for m in pairs]  # sigma(z)^+ : (K, B, n)
-    if not all(ok for _, ok in Aps):
+    torch.compile (True, or a mode: 'reduce-overhead' for CUDA graphs). Returns (objective,
+    grads, the pre-activations Zs) or None where a pair's sigma(z) is not safely of full row rank
+    (_solve_pinv; then use the generic path)."""
+    if any(W[m].shape[1] > Z0.shape[1] for m in pairs):
         return None
-    Ts = [torch.zeros(W[m].shape[0], W[m].shape[1], W[m].shape[1], dtype=W[0].dtype, device=W[0].device)
-          for m in pairs]
-    args = (Z0, W[1:], Zs, [a for a, _ in Aps], gram, Y, act, loss, pairs)
-    if compile:
-        grads, (_, obj) = _compiled_ascent(compile if isinstance(compile, str) else "default")(Ts, *args)
-        return obj.detach(), [g.detach() for g in grads], Zs
-    with torch.enable_grad():
-        Ts = [T.requires_grad_() for T in Ts]
-        total, obj = _ascent_objective(Ts, *args)
-        return obj.detach(), list(torch.autograd.grad(total, Ts)), Zs
+    with torch.no_grad():
+        obj, grads, Zs, ok = _compiled(_ascent_step, compile)(W, Z0, gram, Y, act, loss, pairs)
+    return (obj, list(grads), Zs) if bool(ok) else None
 
 
 @torch.no_grad()
@@ -252,7 +269,8 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
         Ts = [g * mask.view(-1, *[1] * (g.dim() - 1)) for g in grads]
         if res:  # full row rank: g = I is the identity, so a stopped model is left exactly where it is
             keep = lambda old, new: torch.where(active.view(-1, 1, 1), new, old)  # noqa: E731
-            Wn, Zn = gl46_move(W, Ts, res[2], act, pairs)
+            Wn, Zn, ok = _compiled(_gl46_move, compile)(W, Ts, res[2], act, pairs)
+            Wn, Zn = (Wn, Zn) if bool(ok) else gl46_move(W, Ts, res[2], act, pairs)
             W, Z0 = [keep(a, b) for a, b in zip(W, Wn)], keep(Z0, Zn)
         else:
             W, tangents = _apply(action, W, Ts, X, act, tangents)

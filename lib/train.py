@@ -50,6 +50,18 @@ def train_step(W, bufs, scales, X, Y, act, loss, name, lr):
     return losses
 
 
+@torch.no_grad()
+def train_steps(W, bufs, scales, X, Y, act, loss, name, lr, n):
+    """n consecutive train_steps on the n equal batches of X (n b, d_0), in order; scales: one
+    Adam scales per step (or None). Compiled as one graph (the loop unrolled), so that the
+    per-call cost of a compiled function is paid once per n steps. Returns the summed losses (K,)."""
+    b, total = X.shape[0] // n, 0
+    for s in range(n):
+        total = total + train_step(W, bufs, None if scales is None else scales[s], X[s * b:(s + 1) * b],
+                                   Y[s * b:(s + 1) * b], act, loss, name, lr)
+    return total
+
+
 def step_mode(device):
     """How the training step is compiled on `device`: 'reduce-overhead' on CUDA (the step captured
     in a CUDA graph and replayed: a batch-20 step is launch-bound), 'default' elsewhere (inductor's
@@ -57,30 +69,35 @@ def step_mode(device):
     return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
 
 
-def compiled_train_step(W, opt, X, Y, act, loss="ce"):
-    """train_step through torch.compile (mode step_mode(device)), the optimizer's update inside the
-    compiled step (opt: BatchedOptimizer). Falls back to the eager step as compiled_loss_and_grads.
-    Increments the step counts (outside: they are (K,) float64 bookkeeping)."""
+def compiled_train_step(W, opt, X, Y, act, loss="ce", n=1):
+    """train_step (n = 1) or train_steps over n batches through torch.compile (mode
+    step_mode(device)), the optimizer's update inside the compiled step (opt: BatchedOptimizer).
+    Falls back to the eager step as compiled_loss_and_grads. Increments the step counts (outside:
+    they are (K,) float64 bookkeeping). Returns the losses (K,), summed over the n steps."""
     bufs, steps = zip(*(opt.buffers(w) for w in W))
-    for st in steps:
-        st += 1
-    scales = opt.scales(W[0], steps[0])  # every weight of a batched model has the same step counts
-    mode = step_mode(W[0].device)
-    fn = _COMPILED.get(("step", mode))
+    scales = []
+    for _ in range(n):
+        for st in steps:
+            st += 1
+        scales.append(opt.scales(W[0], steps[0]))  # every weight of a batched model has the same step counts
+    scales = None if scales[0] is None else scales
+    fn_eager, mode = train_step if n == 1 else train_steps, step_mode(W[0].device)
+    fn = _COMPILED.get((fn_eager.__name__, mode))
     if fn is None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # optimizers x shapes
-        fn = _COMPILED[("step", mode)] = torch.compile(train_step, dynamic=False, mode=mode)
-    args = ([w.detach() for w in W], list(bufs), scales, X, Y, act, loss, opt.name, opt.lr)
+        fn = _COMPILED[(fn_eager.__name__, mode)] = torch.compile(fn_eager, dynamic=False, mode=mode)
+    args = ([w.detach() for w in W], list(bufs), scales if n > 1 or scales is None else scales[0], X, Y, act, loss,
+            opt.name, opt.lr) + ((n,) if n > 1 else ())
     if mode == "reduce-overhead":  # weights and state are updated in place: fixed addresses for the CUDA graph
         for t in (*args[0], *(b for bs in bufs for b in bs)):
             torch._dynamo.mark_static_address(t)
-    if fn is not train_step:
+    if fn is not fn_eager:
         try:
             return fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: train eagerly instead
             print(f"warning: torch.compile failed ({type(e).__name__}); training eagerly", file=sys.stderr)
-            _COMPILED[("step", mode)] = train_step
-    return train_step(*args)
+            _COMPILED[(fn_eager.__name__, mode)] = fn_eager
+    return fn_eager(*args)
 
 
 def eager_train_step(W, opt, X, Y, act, loss="ce"):
@@ -92,20 +109,31 @@ def eager_train_step(W, opt, X, Y, act, loss="ce"):
                       opt.name, opt.lr)
 
 
-def train_epoch(W, opt, X, Y, act, batch_size, loss="ce", before_batch=None, compile=False):
+STEPS_PER_CALL = 5  # compiled steps of a BatchedOptimizer per call of the compiled function (train_steps)
+
+
+def train_epoch(W, opt, X, Y, act, batch_size, loss="ce", before_batch=None, compile=False, hooked=None):
     """One epoch over (X, Y) in fixed sequential order, batches X[i*b:(i+1)*b]. Calls
     before_batch(i) before batch i (to teleport there). compile=True: the gradient step through
     torch.compile (compiled_loss_and_grads), and with a BatchedOptimizer the whole step, update
-    included (compiled_train_step). Returns the mean batch loss per model (K,), on the device."""
+    included (compiled_train_step), STEPS_PER_CALL steps per call where before_batch does nothing:
+    hooked = the number of leading batches before which it may act (None: all); after those, its
+    calls for a chunk of batches are made together before the chunk.
+    Returns the mean batch loss per model (K,), on the device."""
     n = -(-X.shape[0] // batch_size)
     total = torch.zeros(W[0].shape[0], device=W[0].device)
     if isinstance(opt, BatchedOptimizer):
-        step = compiled_train_step if compile else eager_train_step
-        for i in range(n):
-            if before_batch is not None:
-                before_batch(i)
-            total += step(W, opt, X[i * batch_size:(i + 1) * batch_size], Y[i * batch_size:(i + 1) * batch_size],
-                          act, loss)
+        step, i, chunk = compiled_train_step if compile else eager_train_step, 0, STEPS_PER_CALL if compile else 1
+        acts = lambda j: before_batch is not None and (hooked is None or j < hooked)  # noqa: E731 - it may act at j
+        while i < n:
+            whole = (i + chunk) * batch_size <= X.shape[0] and not any(acts(j) for j in range(i, i + chunk))
+            c = chunk if chunk > 1 and whole else 1
+            for j in range(i, i + c):  # a chunk's calls, which do nothing, are made before it
+                if before_batch is not None:
+                    before_batch(j)
+            sl = slice(i * batch_size, (i + c) * batch_size)
+            total += step(W, opt, X[sl], Y[sl], act, loss, *((c,) if c > 1 else ()))
+            i += c
         return total / n
     step = compiled_loss_and_grads if compile else loss_and_grads
     for i in range(n):
@@ -156,6 +184,9 @@ def warm_up(W, opt, X, Y, act, batch_size, loss="ce"):
             W2 = [w.detach().clone() for w in W]
             opt2 = BatchedOptimizer(W2, lr=opt.lr, name=opt.name)
             compiled_train_step(W2, opt2, X[:size], Y[:size], act, loss)
+            if size == batch_size and n >= STEPS_PER_CALL * size:
+                compiled_train_step(W2, opt2, X[:size * STEPS_PER_CALL], Y[:size * STEPS_PER_CALL], act, loss,
+                                    STEPS_PER_CALL)
         else:
             compiled_loss_and_grads(W, X[:size], Y[:size], act, loss)
 
@@ -164,7 +195,8 @@ def fit(W, opt, data, act, epochs, batch_size, loss="ce", hook=None, desc="", pr
         compile=False, resume=None, on_epoch=None):
     """Train K batched models for `epochs` epochs on data (lib.data.Data) in sequential order.
     hook(epoch, i) runs before batch i of each epoch (teleports go there, and count as training
-    time). Returns per-epoch curves, each a list over epochs of K values: train_loss (mean batch
+    time); a hook with active_batches(epoch) (lib.arms.ArmHook) acts only before that many leading
+    batches of the epoch, so that the others can run several compiled steps per call. Returns per-epoch curves, each a list over epochs of K values: train_loss (mean batch
     loss of the epoch), test_loss, test_acc, time_s (cumulative, evaluation excluded); and
     test_loss_init / test_acc_init before training. compile=True: the training step through
     torch.compile, compiled before the clock starts. resume: the history of a run interrupted
@@ -192,7 +224,8 @@ def fit(W, opt, data, act, epochs, batch_size, loss="ce", hook=None, desc="", pr
         _sync(dev)
         t0 = perf_counter()
         tr = train_epoch(W, opt, data.x_train, data.y_train, act, batch_size, loss,
-                         None if hook is None else (lambda i, e=epoch: hook(e, i)), compile)
+                         None if hook is None else (lambda i, e=epoch: hook(e, i)), compile,
+                         getattr(hook, "active_batches", lambda e: None)(epoch))
         _sync(dev)
         elapsed += perf_counter() - t0
         te, acc = evaluate(W, data.x_test, data.y_test, act, loss)

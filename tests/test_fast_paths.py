@@ -161,3 +161,50 @@ def test_compiled_teleport_ascent_equals_eager(leaky):
     eager, compiled = grad_norm_ascent(*args), grad_norm_ascent(*args, compile=True)
     assert torch.allclose(eager[0], compiled[0], rtol=1e-12)
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(eager[1], compiled[1]))
+
+
+def test_chunked_steps_equal_single_steps_and_the_hook_acts_first(leaky, monkeypatch):
+    # compile=True runs STEPS_PER_CALL steps per call where the hook does nothing (after `hooked` batches);
+    # the chunking is checked with an eager stand-in for the compiled call (its calls and sizes recorded)
+    import lib.train as lt
+    X, Y = make_batch(260, 6, 4)  # 13 batches of 20: 2 hooked, 2 chunks of 5, 1 single
+    calls, events = [], []
+
+    def fake(W, opt, X, Y, act, loss="ce", n=1):
+        bufs, steps = zip(*(opt.buffers(w) for w in W))
+        calls.append(n)
+        events.append(("step", n))
+        scales = []
+        for _ in range(n):
+            for st in steps:
+                st += 1
+            scales.append(opt.scales(W[0], steps[0]))
+        scales = None if scales[0] is None else scales
+        return lt.train_steps([w.detach() for w in W], list(bufs), scales, X, Y, act, loss, opt.name, opt.lr, n)
+    out = []
+    for compile in (False, True):
+        W, opt = make_model([6, 5, 4], [1, 2], "adam", 0.01, batched_optimizer=True)
+        W = [w.detach().double().requires_grad_() for w in W]
+        opt = make_optimizer("adam", W, 0.01, batched=True)
+        if compile:
+            monkeypatch.setattr(lt, "compiled_train_step", fake)
+        loss = train_epoch(W, opt, X, Y, leaky, 20, before_batch=lambda i: events.append(("hook", i)),
+                           compile=compile, hooked=2)
+        out.append((loss, W))
+    assert calls == [1, 1, 5, 5, 1]
+    assert events[-18:] == ([("hook", 0), ("step", 1), ("hook", 1), ("step", 1)]
+                            + [("hook", i) for i in range(2, 7)] + [("step", 5)]
+                            + [("hook", i) for i in range(7, 12)] + [("step", 5), ("hook", 12), ("step", 1)])
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-13)
+    assert all(torch.allclose(a, b, rtol=1e-13, atol=1e-15) for a, b in zip(out[0][1], out[1][1]))
+
+
+@pytest.mark.slow
+def test_compiled_chunks_equal_eager(leaky):
+    X, Y = make_batch(200, 6, 4, dtype=torch.float32)
+    out = []
+    for compile in (False, True):
+        W, opt = make_model([6, 5, 4], [1, 2], "rmsprop", 0.01, batched_optimizer=True)
+        out.append((train_epoch(W, opt, X, Y, leaky, 20, compile=compile), W))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(out[0][1], out[1][1]))
