@@ -6,14 +6,18 @@ and/or "m2" (teleport) to a MetaLSTM.
 
 Two ways to the meta-gradient, the same algorithm (equal to rounding, tested in float64):
 BACKPROP='autograd' runs `update` (the MetaLSTM modules, lib's GLAction) under torch autograd, the
-reference; BACKPROP='manual' (the default, ~6x faster per trajectory on a CPU) runs `Unroll`: the
-LSTM steps and the eq. (54) teleports without a graph, then the back-propagation through the unroll
-written out. It rests on one fact of Algorithm 1: the gradients enter the LSTMs as constants, so
-the meta-loss depends on the LSTMs only through their outputs (f_t, T_t, eta_t). Back-propagation
-therefore splits in two: first through the weight chain w_{t+1} = g_t.(w_t + f_t) (20 x 20
+reference; BACKPROP='manual' (the default; 2.4x faster per trajectory than a textbook implementation
+on a shared CPU, benchmarks/bench_learn_to_teleport.py) runs `Unroll`: the LSTM steps (the LSTMs of
+a method as one `LSTMGroup`) and the eq. (54) teleports without a graph, then the back-propagation
+through the unroll written out. It rests on one fact of Algorithm 1: the gradients enter the LSTMs
+as constants, so the meta-loss depends on the LSTMs only through their outputs (f_t, T_t, eta_t).
+Back-propagation therefore splits in two: first through the weight chain w_{t+1} = g_t.(w_t + f_t) (20 x 20
 matrices, by hand), giving dmeta/d(outputs) per step; then through the LSTMs in time, with the
 weight gradients of all steps of the unroll as one matrix product per weight. The data's X^+ is
-computed once per trajectory (GLAction recomputes it every step), and Adam is torch's fused one.
+computed once per trajectory (GLAction recomputes it every step), g^-1 is the Neumann series to
+below rounding (`series_order`), and Adam is torch's fused one. What is left is memory traffic: a
+step streams the LSTMs' 4.4M weights (17.6 MB in float32) through the forward products and 2.5M
+of them back; autograd's per-step weight-gradient outer products and an unfused Adam add ~3x that.
 """
 import time
 
