@@ -246,7 +246,7 @@ def test_interrupted_run_resumes_to_the_same_numbers_and_keeps_the_previous_outp
 
     class StopInAdamTeleport(script.ArmHook):
         def __call__(self, epoch, i):
-            if isinstance(self.opt, torch.optim.Adam) and self.arms[0].name == "teleport" and (epoch, i) == (2, 0):
+            if getattr(self.opt, "name", None) == "adam" and self.arms[0].name == "teleport" and (epoch, i) == (2, 0):
                 raise KeyboardInterrupt
             super().__call__(epoch, i)
     monkeypatch.setattr(script, "ArmHook", StopInAdamTeleport)
