@@ -76,10 +76,10 @@ T_STEP = None              # step of that grid (None: the dataset's preset)
 T_COUNT = 20               # displacements (and directions of each kind) per draw
 CHUNK = None               # models x draws per metric pass (None: the dataset's preset; lower saves memory)
 PSI_DTYPE = "float32"      # dtype of the curvature computation (float32 or float64)
-PSI_CONVENTION = "exact"   # psi of the figures: exact (the curve itself) or authors (pair-by-pair sum); the table has both
+PSI_CONVENTION = "exact"   # the figures' psi: exact (the curve itself) or authors (pair-by-pair sum); table: both
 HESSIAN_DRAWS = 4          # draws (their batches) the Hessian measures average over: the first of the N_DRAWS
 LANCZOS_ITERS = 15         # Hessian-vector products per Lanczos run for the top eigenvalue (fewer if converged)
-TRACE_SAMPLES = 20         # Rademacher vectors per Hutchinson trace, and Gaussian draws per average-case adaptive sharpness
+TRACE_SAMPLES = 20         # Rademacher vectors per Hutchinson trace; Gaussian draws per average-case adaptive sharpness
 ASAM_RHO = 0.05            # radius of the adaptive sharpness (perturbation |w| * u, ||u|| <= rho)
 ASAM_STEPS = 10            # ascent steps of the worst-case adaptive sharpness
 BOOTSTRAP = 2000           # bootstrap resamples (over models) for the 95% intervals
@@ -170,7 +170,7 @@ def measure(W, data, act, ts, n_draws, batch, chunk, seed, psi_dtype=torch.float
                     pe, pa = curvatures_eq54([w.to(psi_dtype) for w in Wc], Xp, act, Ms)
                 except torch.linalg.LinAlgError:
                     pe = pa = torch.full_like(ps, float("nan"))
-                for k, v in zip(("phi_sphere", "phi_orthant", "psi_exact", "psi_authors", "loss_w"), (ps, po, pe, pa, lw)):
+                for k, v in zip((*PHI_PSI, "loss_w"), (ps, po, pe, pa, lw)):
                     out[k].append(v.double().cpu())
             vals = {k: torch.cat(v, 1) for k, v in out.items()}  # (G, K)
             cache.clear()
@@ -194,8 +194,8 @@ def measure_hessian(W, data, act, cfg, progress=False, resume=None, on_draw=None
             out["hess_top"].append(top_eigenvalue(Wc, X, Y, act, "ce", cfg["LANCZOS_ITERS"], gen))
             out["hess_trace"].append(hessian_trace(Wc, X, Y, act, "ce", cfg["TRACE_SAMPLES"], gen))
             for kind in ("worst", "average"):
-                out[f"asam_{kind}"].append(adaptive_sharpness(Wc, X, Y, act, cfg["ASAM_RHO"], "ce", kind, cfg["ASAM_STEPS"],
-                                                              gen, samples=cfg["TRACE_SAMPLES"]))
+                out[f"asam_{kind}"].append(adaptive_sharpness(Wc, X, Y, act, cfg["ASAM_RHO"], "ce", kind,
+                                                              cfg["ASAM_STEPS"], gen, samples=cfg["TRACE_SAMPLES"]))
         return {k: torch.cat(v).double().cpu() for k, v in out.items()}
     return draw_means(one, cfg["HESSIAN_DRAWS"], resume, on_draw, progress, "Hessian")
 
@@ -262,32 +262,37 @@ def trained(cfg, data, ckpt, record):
                                                        "train_time_s": done["history"]["time_s"][-1]}
 
 
+def metric_unit(ckpt, unit, n, names, fn, at, dataset):
+    """One resumable unit of ckpt: fn(W_idx, resume, on_draw) -> {name: (k,) tensor} over n draws on
+    the models that did not diverge (at[i] is None; nan for the others), progress saved per draw.
+    Returns ({name: (K,) float64 tensor}, seconds)."""
+    if (done := ckpt.unit(unit)) is None:
+        idx = [i for i, e in enumerate(at) if e is None]
+        cur = ckpt.current if (ckpt.current or {}).get("unit") == unit else None
+        t0, before = time.perf_counter(), cur["time_s"] if cur else 0.0
+        spent = lambda: before + time.perf_counter() - t0  # noqa: E731 - seconds, interruptions aside
+        save = lambda state: ckpt.save({"done": ckpt.done, "current": {"unit": unit, **state,  # noqa: E731
+                                        "time_s": spent()}}, f"{dataset} {unit}, draw {state['draw']} of {n}")
+        got, m = fn(idx, cur, save) if idx else {}, {}
+        for k in names:
+            m[k] = torch.full((len(at),), float("nan"), dtype=torch.float64)
+            if idx:
+                m[k][idx] = got[k]
+        done = ckpt.finish_unit(unit, {"m": m, "time_s": spent()})
+    return done["m"], done["time_s"]
+
+
 def metrics(cfg, data, W, at, ckpt):
-    """measure() and measure_hessian() on the models that did not diverge (nan for the others),
-    each a unit of ckpt saving progress per draw. Returns ({name: (K,) tensor}, {unit: seconds})."""
-    idx, m, times = [i for i, e in enumerate(at) if e is None], {}, {}
-    units = {"metrics": (cfg["N_DRAWS"], lambda Wk, cur, save: measure(
-                 Wk, data, ACT, displacements(cfg), cfg["N_DRAWS"], cfg["METRIC_BATCH"], cfg["CHUNK"], cfg["DRAW_SEED"],
-                 getattr(torch, cfg["PSI_DTYPE"]), cfg["PROGRESS"], cur, save)),
-             "hessian": (cfg["HESSIAN_DRAWS"], lambda Wk, cur, save: measure_hessian(Wk, data, ACT, cfg, cfg["PROGRESS"],
-                                                                                     cur, save))}
-    for unit, (n, fn) in units.items():
-        if (done := ckpt.unit(unit)) is None:
-            cur = ckpt.current if (ckpt.current or {}).get("unit") == unit else None
-            t0, before = time.perf_counter(), cur["time_s"] if cur else 0.0
-            spent = lambda: before + time.perf_counter() - t0  # noqa: E731 - seconds, interruptions aside
-            save = lambda state: ckpt.save({"done": ckpt.done, "current": {"unit": unit, **state,  # noqa: E731
-                                            "time_s": spent()}}, f"{cfg['DATASET']} {unit}, draw {state['draw']} of {n}")
-            got = fn([w[idx] for w in W], cur, save) if idx else {}
-            full = {}
-            for k in got or (PHI_PSI + ("loss_w",) if unit == "metrics" else HESSIAN):
-                full[k] = torch.full((len(at),), float("nan"), dtype=torch.float64)
-                if idx:
-                    full[k][idx] = got[k]
-            done = ckpt.finish_unit(unit, {"m": full, "time_s": spent()})
-        m.update(done["m"])
-        times[unit] = done["time_s"]
-    return m, times
+    """measure() and measure_hessian() as two units of ckpt. Returns ({name: (K,) tensor},
+    {unit: seconds})."""
+    sub = lambda idx: [w[idx] for w in W]  # noqa: E731
+    phi_psi = lambda idx, cur, save: measure(  # noqa: E731
+        sub(idx), data, ACT, displacements(cfg), cfg["N_DRAWS"], cfg["METRIC_BATCH"], cfg["CHUNK"],
+        cfg["DRAW_SEED"], getattr(torch, cfg["PSI_DTYPE"]), cfg["PROGRESS"], cur, save)
+    hessian = lambda idx, cur, save: measure_hessian(sub(idx), data, ACT, cfg, cfg["PROGRESS"], cur, save)  # noqa: E731
+    m1, t1 = metric_unit(ckpt, "metrics", cfg["N_DRAWS"], (*PHI_PSI, "loss_w"), phi_psi, at, cfg["DATASET"])
+    m2, t2 = metric_unit(ckpt, "hessian", cfg["HESSIAN_DRAWS"], HESSIAN, hessian, at, cfg["DATASET"])
+    return {**m1, **m2}, {"metrics": t1, "hessian": t2}
 
 
 def run_dataset(name, cfg, res_dir, ckpts):
@@ -366,9 +371,9 @@ def table(res_dirs, tag=""):
     Kendall tau, the partial r given the training loss and r with the training loss."""
     paths = {n: [os.path.join(d, f"{stem(n, tag)}.json") for d in res_dirs] for n in PRESETS["DATASETS"]}
     found = {n: load_json(next(filter(os.path.exists, ps))) for n, ps in paths.items() if any(map(os.path.exists, ps))}
-    header = ["measure"] + [f"{n} {w}" for n in found for w in ("r with val. loss [95% CI]", "p", "Kendall tau [95% CI]",
-                                                               "partial r given train loss [95% CI]", "r with train loss",
-                                                               "paper r")]
+    columns = ("r with val. loss [95% CI]", "p", "Kendall tau [95% CI]", "partial r given train loss [95% CI]",
+               "r with train loss", "paper r")
+    header = ["measure"] + [f"{n} {w}" for n in found for w in columns]
 
     def row(m):
         out = [LABELS.get(m, "training loss")]
