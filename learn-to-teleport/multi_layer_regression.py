@@ -271,13 +271,13 @@ def plot(res, cfg, out):
             L = L[:, :n + 1]
             L[[a is not None for a in at], -1] = np.nan  # one diverging after the steps shown: marked at the end
             t = kept_mean(np.asarray(curves[m]["time_s"], dtype=float)[:, :n + 1])
-            x, c, ok = t if vs_time else np.arange(L.shape[1]), METHOD_COLORS[m], L[np.isfinite(L).all(1)]
+            x, c, ok = 1e3 * t if vs_time else np.arange(L.shape[1]), METHOD_COLORS[m], L[np.isfinite(L).all(1)]
             plot_mean_std(ax, x, L, LABELS[m], c, "--" if m == CONTROL else "-", shade=False,
                           lw=1.2 if m == CONTROL else 1.5, limit=np.inf)
             if len(ok) > 1 and m != CONTROL:
                 mean, std = ok.mean(0), ok.std(0)
                 ax.fill_between(x, np.maximum(mean - std, ok.min(0)), mean + std, color=c, alpha=0.2, lw=0)
-        ax.set(xlabel="wall-clock time (s)" if vs_time else "step", ylabel="loss", yscale="log",
+        ax.set(xlabel="wall-clock time (ms)" if vs_time else "step", ylabel="loss", yscale="log",
                title=f"first {n} steps, per trajectory" if vs_time
                else f"Two-layer regression, {len(curves['gd']['loss'])} test trajectories")
         ax.legend(fontsize="small")
