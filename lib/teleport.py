@@ -47,7 +47,8 @@ def _solve_pinv(A, rtol=None):
     A64 = A.detach().double()
     gram = A64 @ A64.mT
     L, info = torch.linalg.cholesky_ex(gram)
-    inv = torch.cholesky_inverse(L)
+    eye = torch.eye(m, dtype=L.dtype, device=L.device)
+    inv = torch.cholesky_inverse(torch.where((info == 0).view(-1, *[1] * (L.dim() - 1)), L, eye))  # failed: I, unused
     tr = lambda M: M.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
     ok = (info == 0).all() & (tr(gram) * tr(inv) * rtol ** 2 < 1).all()
     return (A64.mT @ inv).to(A.dtype), ok
@@ -255,7 +256,10 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
     if fast:  # first-layer pre-activations and the Gram matrix, tracked without the input width
         from lib.models import forward
         gram, Z0, pairs = X @ X.T, forward(W[:1], X, act).contiguous(), action.acted_pairs(W)
-    before = None
+    known = _fast(objective, action, X)  # ||grad L||^2 without autograd, else through the objective
+    gram = X @ X.T if known and gram is None else gram
+    value = (lambda _, V, X, Y: _fast_value(V, X, Y, *known, gram)) if known else _value
+    before = None if fast else value(objective, W0, X, Y)  # first, as it may draw random numbers
     for _ in range(steps):
         res = fast and grad_norm_ascent(W, Z0, gram, Y, *fast, pairs, compile)
         fast = fast if res else None  # no full row rank: the generic path from here on
@@ -275,10 +279,7 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
         else:
             W, tangents = _apply(action, W, Ts, X, act, tangents)
         G, n_steps = _compose(action, G or [None] * len(Ts), Ts), n_steps + active.cpu()
-    known = _fast(objective, action, X)  # ||grad L||^2 without autograd, else through the objective
-    gram = X @ X.T if known and gram is None else gram
-    value = (lambda _, V, X, Y: _fast_value(V, X, Y, *known, gram)) if known else _value
-    before = value(objective, W0, X, Y) if before is None or not fast else before
+    before = value(objective, W0, X, Y) if before is None else before
     G = G or [torch.zeros(s, device=W[0].device) if action.name == "rescale"
               else torch.eye(s[-1], device=W[0].device).expand(s) for s in action.algebra_shapes(W)]
     with torch.no_grad():

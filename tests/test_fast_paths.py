@@ -83,6 +83,10 @@ def test_pinv_rows_equals_pinv_and_falls_back():
     low[1, 5] = low[1, 0] + low[1, 2]  # one model of rank 5: pinv's answer, not the solve's
     P, solved = pinv_rows(low)
     assert not solved and torch.allclose(P, torch.linalg.pinv(low))
+    dead = A.clone()
+    dead[2, 3] = 0  # a dead unit: the Cholesky fails (no error raised), pinv answers
+    P, solved = pinv_rows(dead)
+    assert not solved and torch.allclose(P, torch.linalg.pinv(dead))
     P, solved = pinv_rows(A.mT)  # more rows than columns
     assert not solved and torch.allclose(P, torch.linalg.pinv(A.mT))
     A32 = A.float()  # float32: the solve (in float64) is at least as close to the float64 pinv as float32 pinv is
@@ -121,6 +125,17 @@ def test_fast_teleport_equals_generic(leaky):
     for k in ("objective_before", "objective_after", "loss_after", "algebra_norm"):
         assert torch.allclose(torch.tensor(ra[k]), torch.tensor(rb[k]), rtol=1e-9)
     assert (torch.tensor(ra["objective_after"]) > torch.tensor(ra["objective_before"])).all()
+
+
+def test_fast_teleport_falls_back_where_a_unit_is_dead():
+    relu = Activation(0.0)
+    W, X, Y = _mlp_batch()
+    W[0][:, 2] = -1.0  # hidden unit 2 never fires: sigma(z) lacks full row rank, the general path takes over
+    obj = make_objective("grad_norm", relu)
+    Wa, ra, _ = teleport(W, X, Y, relu, obj, GLAction(46), steps=3, lr=0.5)
+    Wb, rb, _ = teleport(W, X, Y, relu, lambda W, X, Y: obj(W, X, Y), GLAction(46), steps=3, lr=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(Wa, Wb)) and ra["steps"] == [3.0] * 3
+    assert any((a - w).abs().max() > 1e-3 for a, w in zip(Wa, W))
 
 
 def test_step_mode_selects_cuda_graphs_on_cuda_only():
