@@ -191,14 +191,27 @@ class LSTMGroup:
             h = torch.stack([r[0][j][1] for r in self.tape], 1)
             for n, net in enumerate(self.nets):
                 Gn, cell = G[n].reshape(S * K, 4 * H), net.cells[j]
-                cell.weight_ih.grad, cell.weight_hh.grad = Gn.T @ x[n], Gn.T @ h[n].reshape(S * K, H)
-                cell.bias_ih.grad = Gn.sum(0)
-                cell.bias_hh.grad = cell.bias_ih.grad.clone()
+                set_grad(cell.weight_ih, Gn.T, x[n])
+                set_grad(cell.weight_hh, Gn.T, h[n].reshape(S * K, H))
+                set_grad(cell.bias_ih, Gn.T)
+                set_grad(cell.bias_hh, Gn.T)
         top = torch.stack([r[1] for r in self.tape], 1)
         for n, net in enumerate(self.nets):
             for k, head in net.heads.items():
                 dy = torch.cat([d_out[t][n][k] for t in range(S)])
-                head.weight.grad, head.bias.grad = dy.T @ top[n].reshape(S * K, H), dy.sum(0)
+                set_grad(head.weight, dy.T, top[n].reshape(S * K, H))
+                set_grad(head.bias, dy.T)
+
+
+def set_grad(p, a, b=None):
+    """p.grad = a @ b (or a summed over its columns), written into the .grad of the previous
+    unroll when there is one: a fresh 17.6 MB of gradients every unroll costs page faults."""
+    if p.grad is None:
+        p.grad = a @ b if b is not None else a.sum(1)
+    elif b is not None:
+        torch.mm(a, b, out=p.grad)
+    else:
+        torch.sum(a, 1, out=p.grad)
 
 
 def series_order(tau, dtype):
