@@ -1,6 +1,7 @@
 """The batched training engine: K models that share the data order train as one, with one
-torch.optim optimizer over weights (K, out, in); batches are index slices of preloaded tensors.
-Teleports during training come from a hook (lib.arms.ArmHook)."""
+optimizer over weights (K, out, in): torch.optim's, or lib.optim.BatchedOptimizer, whose update
+runs inside the compiled training step (train_step); batches are index slices of preloaded
+tensors. Teleports during training come from a hook (lib.arms.ArmHook)."""
 import sys
 
 import torch
@@ -22,10 +23,11 @@ _COMPILED = {}
 
 
 def compiled_loss_and_grads(W, X, Y, act, loss="ce"):
-    """loss_and_grads through torch.compile: the ~30 small kernels of a batch-20 step fused into a
-    few: 1.6x faster per seed-epoch on a CPU than the eager step (benchmarks/bench_training.py),
-    after a one-off compile of ~20 s per batch shape and K. If compiling fails (no C++ compiler, unsupported platform), it says so in one line and
-    falls back to the eager function for good."""
+    """loss_and_grads through torch.compile (for torch.optim optimizers): the ~30 small kernels of a
+    batch-20 step fused into a few (benchmarks/bench_training.py: 1.3x the eager step per
+    seed-epoch; with a BatchedOptimizer, compiled_train_step goes further), after a one-off compile
+    per batch shape and K. If compiling fails (no C++ compiler, unsupported platform), it says so
+    in one line and falls back to the eager function for good."""
     fn = _COMPILED.get("fn")
     if fn is None:
         fn = _COMPILED["fn"] = torch.compile(loss_and_grads, dynamic=False)
