@@ -65,9 +65,12 @@ def train_steps(W, bufs, scales, X, Y, act, loss, name, lr, n):
 
 
 def step_mode(device):
-    """How the training step is compiled on `device`: 'reduce-overhead' on CUDA (the step captured
-    in a CUDA graph and replayed: a batch-20 step is launch-bound), 'default' elsewhere (inductor's
-    fused C++ kernels; CUDA graphs do not exist on a CPU)."""
+    """How the training and teleport steps are compiled on `device`: 'reduce-overhead' on CUDA (a
+    step captured in a CUDA graph and replayed: a batch-20 step is launch-bound), 'default'
+    elsewhere (inductor's fused C++ kernels; no CUDA graphs on a CPU). The training step updates
+    weights and optimizer state in place; they are not marked as static addresses (that would
+    recompile for every new model), so inductor may run that step without a CUDA graph: not
+    measured, no GPU here."""
     return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
 
 
@@ -90,9 +93,6 @@ def compiled_train_step(W, opt, X, Y, act, loss="ce", n=1):
         fn = _COMPILED[(fn_eager.__name__, mode)] = torch.compile(fn_eager, dynamic=False, mode=mode)
     args = ([w.detach() for w in W], list(bufs), scales if n > 1 or scales is None else scales[0], X, Y, act, loss,
             opt.name, opt.lr) + ((n,) if n > 1 else ())
-    if mode == "reduce-overhead":  # weights and state are updated in place: fixed addresses for the CUDA graph
-        for t in (*args[0], *(b for bs in bufs for b in bs)):
-            torch._dynamo.mark_static_address(t)
     if fn is not fn_eager:
         try:
             return fn(*args)
