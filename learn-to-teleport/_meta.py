@@ -15,9 +15,9 @@ Back-propagation therefore splits in two: first through the weight chain w_{t+1}
 matrices, by hand), giving dmeta/d(outputs) per step; then through the LSTMs in time, with the
 weight gradients of all steps of the unroll as one matrix product per weight. The data's X^+ is
 computed once per trajectory (GLAction recomputes it every step), g^-1 is the Neumann series to
-below rounding (`series_order`), and Adam is torch's fused one. What is left is memory traffic: a
-step streams the LSTMs' 4.4M weights (17.6 MB in float32) through the forward products and 2.5M
-of them back; autograd's per-step weight-gradient outer products and an unfused Adam add ~3x that.
+below rounding (`series_order`), and Adam is torch's fused one. What is left: a step streams the
+LSTMs' 4.4M weights (17.6 MB in float32) through the forward products and 2.5M of them back, and
+runs ~150 small kernels (dispatch-bound at one trajectory at a time), about half the time each.
 """
 import time
 
