@@ -2,14 +2,10 @@
 solve-based pseudo-inverse equals pinv, the teleport's closed-form ascent and move equal autograd
 through lib.actions.GLAction(46), the compiled training step equals the eager one; the CUDA path
 is chosen on CUDA only, and --device=cuda without a GPU is a one-line error."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT, make_batch, make_weights
+from conftest import make_batch, make_weights
 from lib.actions import GLAction
 from lib.models import Activation, forward
 from lib.optim import make_optimizer, reset_state
@@ -163,10 +159,13 @@ def test_compiled_step_equals_eager(leaky):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
-def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "teleport_optimization.py"), "--quick", "--device=cuda",
-                        f"--out-dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no CUDA GPU" in r.stderr
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    import teleport_optimization as script
+    from lib.config import run
+    with pytest.raises(SystemExit) as exc:
+        run(script.main, vars(script), argv=["--quick", "--device=cuda", f"--out-dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and "no CUDA GPU" in err and not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
