@@ -9,6 +9,7 @@ from torch.func import jvp
 from lib.actions import GLAction
 from lib.config import UsageError
 from lib.models import forward, loss_fn, losses_per_model
+from lib.optim import HYPER
 
 
 def grad_norm_sq(W, X, Y, act, loss="ce", precond=None):
@@ -22,8 +23,9 @@ def grad_norm_sq(W, X, Y, act, loss="ce", precond=None):
 
 
 def adagrad_preconditioner(optimizer, params):
-    """A = (eps + G)^{-1/2} from torch.optim.Adagrad's accumulated squared gradients G."""
-    eps = optimizer.param_groups[0]["eps"]
+    """A = (eps + G)^{-1/2} (App. F.1) from the accumulated squared gradients G of a
+    torch.optim.Adagrad or of lib.optim's batched AdaGrad (whose eps is HYPER['adagrad_eps'])."""
+    eps = optimizer.param_groups[0].get("eps", HYPER["adagrad_eps"])
     return [(optimizer.state[p]["sum"] + eps).rsqrt() for p in params]
 
 

@@ -59,16 +59,15 @@ def test_adagrad_preconditioner_is_the_step_torch_adagrad_takes():
         torch.testing.assert_close((a * w.grad)[big], w.grad.sign()[big], rtol=0, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="bug: adagrad_preconditioner reads param_groups[0]['eps'], which lib.optim.BatchedOptimizer "
-                          "does not have (its eps is lib.optim.HYPER['adagrad_eps'])")
 def test_adagrad_preconditioner_of_the_batched_optimizer():
     """lib.optim's batched optimizer (make_optimizer(..., batched=True)): A must be read from it
-    too, the step it takes being lr * A * g to 1e-3 wherever |g| > 1e-6."""
+    too, the step it takes being lr * A * g to 1e-3 wherever |g| > 1e-3 (eps = 1e-10 inside the
+    root against torch's outside moves it by ~eps / G, up to 1e-2 at |g| = 1e-4)."""
     W = [w.requires_grad_() for w in make_weights([6, 5, 3], K=2)]
     X, Y = make_batch(20, 6, 3)
     for taken, want, g in _adagrad_steps(make_optimizer("adagrad", W, 0.1, batched=True), W, X, Y, 0.1):
-        big = g.abs() > 1e-6
+        big = g.abs() > 1e-3
+        assert big.float().mean() > 0.5
         torch.testing.assert_close(taken[big], want[big], rtol=1e-3, atol=0)
 
 
