@@ -121,7 +121,8 @@ def relative(path):
     return os.path.relpath(full, REPO) if full.startswith(REPO + os.sep) or full == REPO else path
 
 
-EXPERIMENTS = ("optimization", "generalization", "correlation", "quadratic", "curvature", "rescaling")
+EXPERIMENTS = ("optimization", "generalization", "correlation", "quadratic", "curvature", "rescaling", "cnn",
+               "invariance")
 
 
 def experiment_dirs(experiment, root="."):
