@@ -5,7 +5,7 @@ moves under it describes the parametrisation, not the function the network compu
 al. 2017 make this argument for sharpness). This script measures how far each measure moves.
 
     python rescaling_invariance.py            # the committed run: 20 models per activation
-    python rescaling_invariance.py --quick    # a smoke run, under a minute
+    python rescaling_invariance.py --quick    # a smoke run, seconds
 
 Protocol: N_MODELS 784-16-10-10 MLPs per activation (LeakyReLU 0.1 and ReLU), trained as in
 Table 1 (correlation.py: SGD lr 0.01, batch 20, 40 epochs, seeds (i + 1) * 54321) on MNIST (the
@@ -23,12 +23,13 @@ al. 2021; Andriushchenko et al. 2023: worst and average case; lib/hessian.py). R
 relative change |m' - m| / |m| per model, its median and maximum over the models.
 
 CPU runtime (2 shared cores, one torch thread): 47 s CPU, 2 min 27 s wall at load average 9
-(training about 2/3 of it). --quick: ~15 s.
+(training about 2/3 of it). --quick: seconds.
 Headline (results/invariance/MNIST_table.md): every transformation leaves every test-set logit
 within 7e-14 (float64). Adaptive sharpness moves by at most 3e-14 relative, rounding like the
 loss itself; everything else moves. Under the teleport (||grad L||^2 x 2.4, median, LeakyReLU)
 phi - L(w) moves by a median 62%, psi by 14%, the top eigenvalue by 150%, the trace by 81%;
-under random rescalings with s = 2 by factors of 10^3 and more (phi itself only by 26%: it is
+under random rescalings with s = 2 phi - L(w), the top eigenvalue and the trace by factors of
+10^3 and more, psi by 68% (phi itself only by 26%: it is
 mostly L(w)).
 
 Outputs: under OUT_DIR, results/invariance/<dataset>.json (config, environment, data, per
@@ -37,7 +38,7 @@ relative changes with median and max, the output change, the teleport record) an
 <dataset>_table.md; figures/invariance/<dataset>_relative_change.png (median and max relative
 change per measure and transformation, log scale). They replace the previous set only when all
 are written; results made with other settings are not replaced without --replace. While a run is
-unfinished, .progress/invariance-<dataset>.pt (the same command resumes).
+unfinished, OUT_DIR/.progress/invariance-<dataset>.pt (the same command resumes).
 """
 import os
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from lib.actions import RescaleAction
-from lib.config import check_choice, check_positive, run
+from lib.config import UsageError, check_choice, check_positive, run
 from lib.data import load
 from lib.hessian import adaptive_sharpness, hessian_trace, top_eigenvalue
 from lib.io import check_replace, environment, experiment_dirs, load_results, relative, save_json, save_text, staged
@@ -248,6 +249,11 @@ def main(cfg):
         check_positive(k.lower(), cfg[k], allow_zero=False)
     for k in ("TELE_STEPS", "TELE_LR", "ASAM_RHO", "ASAM_STEPS", "CHECKPOINT_S"):
         check_positive(k.lower(), cfg[k])
+    check_positive("lr", cfg["LR"], allow_zero=False)
+    w = cfg["WIDTHS"]
+    if not (isinstance(w, list) and len(w) >= 3 and all(isinstance(d, int) and d > 0 for d in w)):
+        raise UsageError(f"--widths: expected a list of at least 3 positive layer widths "
+                         f"(input, hidden..., classes), got {w!r}")
     for s in cfg["RESCALE_SIZES"]:
         check_positive("rescale_sizes", s, allow_zero=False)
     name = cfg["DATASET"]
