@@ -49,7 +49,7 @@ import torch
 from lib.config import UsageError, check_choice, check_positive, run, with_preset
 from lib.data import load
 from lib.io import (check_replace, environment, experiment_dirs, load_json, load_results, load_tensors,
-                    relative, save_json, save_tensors, staged)
+                    save_json, save_tensors, saved_config, staged)
 from lib.hessian import adaptive_sharpness, hessian_trace, top_eigenvalue
 from lib.metrics import curvatures_eq54, random_directions, random_lie_elements, sharpness_draws
 from lib.models import activation, evaluate
@@ -303,7 +303,7 @@ def run_dataset(name, cfg, res_dir, ckpts):
     data = load(name, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"])
     if cfg["WIDTHS"][0] != data.x_train.shape[1] or len(cfg["WIDTHS"]) < 3:  # psi needs a layer pair
         raise UsageError(f"--widths={cfg['WIDTHS']}: {name} needs d_0 = {data.x_train.shape[1]}, 3 layers or more")
-    saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
+    saved = saved_config(cfg)
     print(f"{data.label}: {len(data.y_test)} test images (the validation loss); SGD lr {cfg['LR']}")
     ckpts.append(ckpt := Checkpoint(cfg, f"correlation-{(out := stem(name, cfg['TAG']))}"))
     W, training = trained(cfg, data, ckpt, {"config": saved, "environment": environment(), "data": data.info})

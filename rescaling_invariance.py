@@ -49,7 +49,8 @@ from lib.actions import RescaleAction
 from lib.config import UsageError, check_choice, check_positive, run
 from lib.data import load
 from lib.hessian import adaptive_sharpness, hessian_trace, top_eigenvalue
-from lib.io import check_replace, environment, experiment_dirs, load_results, relative, save_json, save_text, staged
+from lib.io import (check_replace, environment, experiment_dirs, load_results, save_json, save_text, saved_config,
+                    staged)
 from lib.metrics import grad_norm_sq, psi, random_directions, random_lie_elements, sharpness
 from lib.models import activation, forward, loss_fn
 from lib.plots import save_figure
@@ -267,7 +268,7 @@ def main(cfg):
     if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # small MLPs: launch-bound, one thread is steadier on shared cores
     data = load(name, cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"])
-    saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
+    saved = saved_config(cfg)
     check_replace(os.path.join(cfg["OUT_DIR"], res_path), saved, data=data)
     ckpt = Checkpoint(cfg, f"invariance-{name}")
     res = {"config": saved, "environment": environment(), "data": data.info, "label": data.label,

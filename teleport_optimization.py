@@ -30,8 +30,8 @@ from lib.actions import GLAction
 from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run, with_preset
 from lib.data import load
-from lib.io import (check_replace, environment, experiment_dirs, load_results, relative, save_json,
-                    save_text, staged)
+from lib.io import (check_replace_set, environment, experiment_dirs, load_results, save_json, save_text,
+                    saved_config, staged)
 from lib.models import Activation
 from lib.plots import loss_panels, save_figure
 from lib.progress import Checkpoint
@@ -278,20 +278,13 @@ def summary(cfg, results):
     return md, {"per_arm": data, "verdicts": verdicts, "teleport_below_baseline": below}
 
 
-def saved_config(cfg):
-    return {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
-
-
 def train_all(cfg, names, path):
     """Every optimizer's arms (settings and data checked against saved results first): what to save."""
     configs = {opt: with_preset(cfg, PRESETS, "OPTIMIZER", opt) for opt in cfg["OPTIMIZERS_RUN"]}
-    for opt, ocfg in configs.items():
-        check_replace(path(opt), saved_config(ocfg))
-    check_replace(path("summary"), saved_config(cfg))
+    check_replace_set(configs, path, cfg)
     data = load(cfg["DATASET"], cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"], cfg["SPLIT_SEED"])
     print(f"{data.label}: {len(data.y_train)} training, {len(data.y_test)} test images")
-    for opt, ocfg in configs.items():
-        check_replace(path(opt), saved_config(ocfg), data=data)
+    check_replace_set(configs, path, cfg, data)
     ckpt = Checkpoint(cfg, f"teleport_optimization-{cfg['DATASET']}")
     return {opt: {"config": saved_config(ocfg), "environment": environment(), "optimizer": opt,
                   "data": {**data.info, "label": data.label}, "arms": run_optimizer(ocfg, data, opt, names, ckpt)}

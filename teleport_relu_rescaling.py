@@ -50,7 +50,8 @@ from lib.actions import GLAction, RescaleAction, group_element
 from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run
 from lib.data import load
-from lib.io import check_replace, environment, experiment_dirs, load_results, relative, save_json, save_text, staged
+from lib.io import (check_replace, environment, experiment_dirs, load_results, save_json, save_text, saved_config,
+                    staged)
 from lib.models import ACTIVATIONS as ACTIVATION_CHOICES, activation
 from lib.optim import OPTIMIZERS as OPTIMIZER_CHOICES, check_strategy
 from lib.plots import COLORS, plot_mean_std, save_figure
@@ -156,10 +157,6 @@ def load_data(cfg):
         raise UsageError(f"WIDTHS[0] = {cfg['WIDTHS'][0]} but {cfg['DATASET']} images have "
                          f"{data.x_train.shape[1]} values")
     return data
-
-
-def saved_config(cfg):  # paths relative to the repository
-    return {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
 
 
 def make_arm(cfg, name, act, tele_lr=None):

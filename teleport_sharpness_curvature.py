@@ -40,7 +40,7 @@ from lib.actions import GLAction
 from lib.arms import Arm, ArmHook, Moments, branch
 from lib.config import UsageError, check_choice, check_positive, run
 from lib.data import load
-from lib.io import check_replace, environment, load_results, relative, save_json, save_text, staged
+from lib.io import check_replace, environment, load_results, save_json, save_text, saved_config, staged
 from lib.metrics import psi, random_directions, random_lie_elements, sharpness
 from lib.models import activation
 from lib.plots import COLORS, branch_panels, save_figure
@@ -300,7 +300,7 @@ def main(cfg):
         torch.manual_seed(cfg["TELEPORT_SEED"])
         data = load(cfg["DATASET"], cfg["DATA_DIR"], cfg["DEVICE"], cfg["TRAIN_SIZE"])
         check_replace(json_path, cfg, data=data)
-        saved = {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
+        saved = saved_config(cfg)
         ckpt = Checkpoint(cfg, f"teleport_sharpness_curvature-{stem}")
         res = {"config": saved, "environment": environment(), "data": data.info, "label": data.label,
                **train(cfg, data, activation("leaky_relu"), ckpt)}

@@ -155,6 +155,21 @@ def staged(root):
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def saved_config(cfg):
+    """A resolved config as results record it: OUT_DIR and DATA_DIR relative to the repository."""
+    return {**cfg, "OUT_DIR": relative(cfg["OUT_DIR"]), "DATA_DIR": relative(cfg["DATA_DIR"])}
+
+
+def check_replace_set(configs, path, cfg, data=None):
+    """check_replace for a script's set: one results file per choice (configs: {choice: its
+    resolved config}, at path(choice)) and, before the data are loaded (data=None), the summary
+    at path("summary") with the script's config `cfg`."""
+    for choice, ccfg in configs.items():
+        check_replace(path(choice), saved_config(ccfg), data=data)
+    if data is None:
+        check_replace(path("summary"), saved_config(cfg))
+
+
 def check_replace(path, cfg, ignore=(), data=None):
     """Refuse (one line) to replace a results file made with other settings, unless REPLACE:
     only a run of the same protocol replaces saved results. Plumbing settings (and `ignore`:
