@@ -6,18 +6,22 @@ and/or "m2" (teleport) to a MetaLSTM.
 
 Two ways to the meta-gradient, the same algorithm (equal to rounding, tested in float64):
 BACKPROP='autograd' runs `update` (the MetaLSTM modules, lib's GLAction) under torch autograd, the
-reference; BACKPROP='manual' (the default; 2.4x faster per trajectory than a textbook implementation
-on a shared CPU, benchmarks/bench_learn_to_teleport.py) runs `Unroll`: the LSTM steps (the LSTMs of
-a method as one `LSTMGroup`) and the eq. (54) teleports without a graph, then the back-propagation
-through the unroll written out. It rests on one fact of Algorithm 1: the gradients enter the LSTMs
-as constants, so the meta-loss depends on the LSTMs only through their outputs (f_t, T_t, eta_t).
-Back-propagation therefore splits in two: first through the weight chain w_{t+1} = g_t.(w_t + f_t) (20 x 20
-matrices, by hand), giving dmeta/d(outputs) per step; then through the LSTMs in time, with the
-weight gradients of all steps of the unroll as one matrix product per weight. The data's X^+ is
-computed once per trajectory (GLAction recomputes it every step), g^-1 is the Neumann series to
-below rounding (`series_order`), and Adam is torch's fused one. What is left: a step streams the
-LSTMs' 4.4M weights (17.6 MB in float32) through the forward products and 2.5M of them back, and
-runs ~150 small kernels (dispatch-bound at one trajectory at a time), about half the time each.
+reference; BACKPROP='manual' (the default; 2.4-3.0x faster per trajectory than a textbook
+implementation on a shared CPU, benchmarks/bench_learn_to_teleport.py) runs `Unroll`: the LSTM steps
+(the LSTMs of a method as one `LSTMGroup`) and the eq. (54) teleports without a graph, then the
+back-propagation through the unroll written out. It rests on one fact of Algorithm 1: the gradients
+enter the LSTMs as constants, so the meta-loss depends on the LSTMs only through their outputs
+(f_t, T_t, eta_t). Back-propagation therefore splits in two: first through the weight chain
+w_{t+1} = g_t.(w_t + f_t) (20 x 20 matrices, by hand), giving dmeta/d(outputs) per step; then
+through the LSTMs layer by layer, top down: only the recurrent products with W_hh go step by step,
+the heads' and each layer's input products and the weight gradients are one matrix product over all
+steps of the unroll. The data's X^+ is computed once per trajectory (GLAction recomputes it every
+step), g^-1 is the Neumann series to below rounding (`series_order`), the 20 x 20 products are
+torch.bmm (torch.matmul's dispatch costs ~4 us more a product) and Adam is torch's fused one. What
+is left is memory traffic: a step streams the LSTMs' 4.4M weights (17.6 MB in float32) through the
+forward products (at 0.36 ms a step when they stay in the CPU's cache; the first steps after an Adam
+step, which streams 7 x 17.6 MB, take 2-3x that) and 2 x 1.4 MB of W_hh back; the weight gradients
+are 88 MFLOP an unroll; the ~100 small kernels of a step are about a fifth of the time.
 """
 import time
 
@@ -159,42 +163,43 @@ class LSTMGroup:
     def backward(self, d_out):
         """Back-propagation through the recorded steps, given the gradients d_out[t][n] {head:
         (K, out)} of the meta-loss w.r.t. each step's outputs; the state before the first step is a
-        constant (truncated back-propagation). Writes the parameters' .grad, each weight's summed
-        over the steps as one product (steps K, 4H)^T (steps K, n_in)."""
+        constant (truncated back-propagation). Writes the parameters' .grad. Layer by layer, top
+        down: a layer's gradient w.r.t. its input at step t depends on the layers above only, so
+        the heads' and each layer's input products are one product over all steps ((steps K, out)
+        (out, H)) and only the recurrent product with W_hh is taken step by step; each weight's
+        gradient, summed over the steps, is one product (steps K, 4H)^T (steps K, n_in)."""
         S, L, H = len(self.tape), len(self.layers[0]), self.H
         N, K = self.tape[0][1].shape[:2]
-        fac = [self.factors(j) for j in range(L)]
-        dh = [torch.zeros_like(self.tape[0][1]) for _ in range(L)]
-        dc = [torch.zeros_like(self.tape[0][1]) for _ in range(L)]
-        dG = [[None] * S for _ in range(L)]
-        for t in range(S - 1, -1, -1):
-            d = torch.empty_like(dh[0])  # d(meta)/dh' of the top layer: the heads, then the next step
-            for n, heads in enumerate(self.heads):
-                d[n] = dh[L - 1][n]
-                for k, dy in d_out[t][n].items():
-                    d[n].addmm_(dy, heads[k][0])
-            for j in range(L - 1, -1, -1):
-                M, q, f = fac[j]
-                dc_j = torch.addcmul(dc[j], d, q[t])
-                G = M[t] * torch.cat([dc_j, dc_j, dc_j, d], -1)
-                dG[j][t], dc[j] = G, dc_j * f[t]
-                new_dh = torch.empty_like(d)
-                below = torch.empty_like(d) if j else None  # d(meta)/dh' of layer j - 1: its input and next step
-                for n, layers in enumerate(self.layers):
-                    torch.mm(G[n], layers[j][1], out=new_dh[n])
-                    if j:
-                        torch.addmm(dh[j - 1][n], G[n], layers[j][0], out=below[n])
-                dh[j], d = new_dh, below
-        for j in range(L):
-            G = torch.stack(dG[j], 1)  # (N, S, K, 4H)
-            x = [torch.cat([r[0][j][0][n] for r in self.tape]) for n in range(N)]
-            h = torch.stack([r[0][j][1] for r in self.tape], 1)
+        like = self.tape[0][1]
+        d_in = torch.empty(N, S * K, H, dtype=like.dtype, device=like.device)  # d(meta)/dh' from above
+        for n, heads in enumerate(self.heads):
+            for i, (k, (W, _)) in enumerate(heads.items()):
+                dy = torch.cat([d_out[t][n][k] for t in range(S)])
+                torch.mm(dy, W, out=d_in[n]) if i == 0 else d_in[n].addmm_(dy, W)
+        for j in range(L - 1, -1, -1):
+            M, q, f = self.factors(j)
+            G = torch.empty(N, S, K, 4 * H, dtype=like.dtype, device=like.device)
+            d_in = d_in.view(N, S, K, H)
+            dh, dc = torch.zeros_like(like), torch.zeros_like(like)
+            for t in range(S - 1, -1, -1):
+                d = d_in[:, t] + dh
+                dc = torch.addcmul(dc, d, q[t])
+                torch.mul(M[t], torch.cat([dc, dc, dc, d], -1), out=G[:, t])
+                dc = dc * f[t]
+                if t:  # d(meta)/dh of step t - 1, through W_hh
+                    for n, layers in enumerate(self.layers):
+                        torch.mm(G[n, t], layers[j][1], out=dh[n])
+            G = G.view(N, S * K, 4 * H)
+            if j:  # the layer below: its output's gradient at every step at once
+                d_in = torch.stack([torch.mm(G[n], layers[j][0]) for n, layers in enumerate(self.layers)])
+            h = torch.stack([r[0][j][1] for r in self.tape], 1).view(N, S * K, H)
             for n, net in enumerate(self.nets):
-                Gn, cell = G[n].reshape(S * K, 4 * H), net.cells[j]
-                set_grad(cell.weight_ih, Gn.T, x[n])
-                set_grad(cell.weight_hh, Gn.T, h[n].reshape(S * K, H))
-                set_grad(cell.bias_ih, Gn.T)
-                set_grad(cell.bias_hh, Gn.T)
+                cell = net.cells[j]
+                x = torch.cat([r[0][j][0][n] for r in self.tape])
+                set_grad(cell.weight_ih, G[n].T, x)
+                set_grad(cell.weight_hh, G[n].T, h[n])
+                set_grad(cell.bias_ih, G[n].T)
+                set_grad(cell.bias_hh, G[n].T)
         top = torch.stack([r[1] for r in self.tape], 1)
         for n, net in enumerate(self.nets):
             for k, head in net.heads.items():
@@ -226,10 +231,10 @@ def series_order(tau, dtype):
     return n
 
 
-def inverse(T, order):
+def inverse(T, order, eye=None):
     """(I + T)^-1 for T (K, d, d): the Neumann series to `order` by Horner's rule, I - T (I - T (...)),
-    or torch.linalg.inv for order None."""
-    eye = torch.eye(T.shape[-1], dtype=T.dtype, device=T.device)
+    or torch.linalg.inv for order None. `eye`: I (d, d), if the caller keeps one."""
+    eye = torch.eye(T.shape[-1], dtype=T.dtype, device=T.device) if eye is None else eye
     if order is None:
         return torch.linalg.inv(eye + T)
     r = eye - T
@@ -250,6 +255,7 @@ class Unroll:
         self.state = tuple(torch.stack([states[k][i] for k in self.keys], 1) for i in range(2))  # (2, N, K, H)
         self.W, self.grads, self.h0 = W, grads, X.mT
         self.order = series_order(cfg["T_NORM"], W[0].dtype) if cfg["INVERSE"] == "exact" else None
+        self.eye = torch.eye(W[0].shape[1], dtype=W[0].dtype, device=W[0].device)
 
     @property
     def states(self):
@@ -294,12 +300,12 @@ class Unroll:
         r = T_raw.view(K, d, d)
         nr = r.flatten(1).norm(dim=1).clamp_min(1e-30).view(K, 1, 1)
         T = r * (self.cfg["T_NORM"] / nr)
-        g_inv = inverse(T, self.order) if self.cfg["INVERSE"] == "exact" else -T + torch.eye(d, dtype=T.dtype)
-        z = U[0] @ self.h0
+        g_inv = inverse(T, self.order, self.eye) if self.cfg["INVERSE"] == "exact" else -T + self.eye
+        z = torch.bmm(U[0], self.h0)  # torch.bmm, not @: the same product, ~4 us less dispatch at 20 x 20
         a = self.act(z)
         b = torch.baddbmm(a, T, a)  # g a = a + T a
         rec.update(r=r, nr=nr, T=T, g_inv=g_inv, z=z, a=a, b=b)
-        return [self.act.inverse(b) @ self.Xp, U[1] @ g_inv]
+        return [torch.bmm(self.act.inverse(b), self.Xp), torch.bmm(U[1], g_inv)]
 
     def backward(self):
         """d(meta-loss)/d(LSTM parameters) into their .grad, meta-loss = sum_t mean_k L_k(w_{t+1}):
@@ -312,13 +318,14 @@ class Unroll:
             dA = [a + g / K for a, g in zip(dA, s["dL"])]
             if "m2" in self.nets:
                 g_inv, U = s["g_inv"], s["U"]
-                dV = dA[0] @ self.Xp.mT
+                dV = torch.bmm(dA[0], self.Xp.mT)
                 dV = torch.where(s["b"] > 0, dV, dV / slope)  # through s^-1(b) X^+
                 dz = torch.baddbmm(dV, s["T"].mT, dV)  # g^T dV
                 dz = torch.where(s["z"] > 0, dz, dz * slope)
-                dU = [dz @ self.h0.mT, dA[1] @ g_inv.mT]
-                d_ginv = U[1].mT @ dA[1]
-                dT = dV @ s["a"].mT - (g_inv.mT @ d_ginv @ g_inv.mT if cfg["INVERSE"] == "exact" else d_ginv)
+                dU = [torch.bmm(dz, self.h0.mT), torch.bmm(dA[1], g_inv.mT)]
+                d_ginv = torch.bmm(U[1].mT, dA[1])
+                dT = torch.bmm(dV, s["a"].mT) - (torch.bmm(torch.bmm(g_inv.mT, d_ginv), g_inv.mT)
+                                                 if cfg["INVERSE"] == "exact" else d_ginv)
                 rhat = s["r"] / s["nr"]  # through T = T_NORM r / |r|
                 dr = (dT - rhat * (rhat * dT).sum((1, 2), keepdim=True)) * (cfg["T_NORM"] / s["nr"])
                 d_out[t]["m2"] = {"T": dr.flatten(1)}
@@ -333,6 +340,18 @@ class Unroll:
             if "m1" in self.nets:
                 d_out[t]["m1"] = {"f": torch.cat([a.flatten(1) for a in dA], 1)}
         self.group.backward([[d[k] for k in self.keys] for d in d_out])
+
+
+def regression_loss_and_grads(W, X, Y, act):
+    """lib.models.loss_and_grads(W, X, Y, act, 'mse') for the two-layer regression (X, Y: (K, n, d)),
+    the same operations with torch.bmm for torch.matmul (equal bitwise, tested; ~4 us less
+    dispatch per product at K = 1): losses (K,) and [dL/dW1, dL/dW2] (K, d, d)."""
+    z = torch.bmm(X, W[0].mT)
+    m = act.derivative(z)
+    h = z * m
+    delta = torch.bmm(h, W[1].mT) - Y
+    losses = 0.5 * delta.pow(2).sum((1, 2))
+    return losses, [torch.bmm(torch.bmm(delta, W[1]).mul_(m).mT, X), torch.bmm(delta.mT, h)]
 
 
 def meta_adam(nets, cfg):
@@ -355,13 +374,14 @@ def trajectory(method, nets, opt, W, X, Y, act, cfg):
     for _ in range(cfg["STEPS"] // cfg["UNROLL"]):
         W = [w.detach() for w in W]
         states = {k: tuple(s.detach() for s in v) for k, v in states.items()}
-        grads, meta = loss_and_grads(W, X, Y, act, "mse")[1], 0.0
+        grads, meta = (regression_loss_and_grads(W, X, Y, act) if manual
+                       else loss_and_grads(W, X, Y, act, "mse"))[1], 0.0
         with torch.set_grad_enabled(not manual):
             unroll = Unroll(method, nets, W, grads, states, X, Xp, act, cfg) if manual else None
             for _ in range(cfg["UNROLL"]):
                 if manual:
                     W = unroll.step()[0]
-                    loss, grads = loss_and_grads(W, X, Y, act, "mse")
+                    loss, grads = regression_loss_and_grads(W, X, Y, act)
                     unroll.record(W, grads)
                 else:
                     W, states, _ = update(method, nets, W, grads, states, X, act, cfg)

@@ -18,7 +18,7 @@ import torch
 
 from lib.config import UsageError, resolve
 from lib.io import load_tensors, save_json, save_tensors
-from lib.models import Activation, loss_fn
+from lib.models import Activation, loss_and_grads, loss_fn
 from lib.progress import interrupt_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -438,6 +438,17 @@ def test_lstm_group_step_is_the_stacked_cells():
                 torch.testing.assert_close(outs[n][k], ref[k], rtol=1e-13, atol=1e-14)
             torch.testing.assert_close(h[:, n], ref_h, rtol=1e-13, atol=1e-14)
             torch.testing.assert_close(c[:, n], ref_c, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_regression_loss_and_grads_is_lib_bitwise(dtype):
+    # _meta's two-layer loss and gradients (torch.bmm for @) against lib.models.loss_and_grads:
+    # the same operations, so the same bits, on weights with both signs of pre-activations
+    gen = torch.Generator().manual_seed(0)
+    W = [torch.rand(3, 20, 20, generator=gen, dtype=dtype) - 0.5 for _ in range(2)]
+    X, Y = (torch.rand(3, 20, 20, generator=gen, dtype=dtype) for _ in range(2))
+    (L, G), (L_ref, G_ref) = meta.regression_loss_and_grads(W, X, Y, ACT), loss_and_grads(W, X, Y, ACT, "mse")
+    assert torch.equal(L, L_ref) and all(torch.equal(g, r) for g, r in zip(G, G_ref))
 
 
 def test_series_inverse_is_exact_to_rounding():
