@@ -23,13 +23,15 @@ are recorded in the JSON.
     OMP_NUM_THREADS=1 python benchmarks/bench_learn_to_teleport.py
     python benchmarks/bench_learn_to_teleport.py --quick    # hidden 32, 2 trajectories
 
-CPU runtime: under a minute (2 shared cores). Measured at load average 2.7-3.1 (one thread):
-textbook 0.50-0.84 s, ours 0.17-0.35 s per trajectory, 2.4-3.05x (wall; CPU time 2.45-2.9x); the
-memory-bound steps make it swing with what the other jobs stream. Before the layer-by-layer LSTM
-backward and torch.bmm for the 20 x 20 products: 2.3-2.5x at load 1.5-4, 1.9-2.1x at load 9-11;
-the change alone, interleaved in one process: 4-5% less CPU time per trajectory.
-(--method=update: 0.244 s against 0.087 s, 2.8x, before the change.) First unroll's losses equal
-to 1.2e-5 (float32) and 3e-14 (float64). More in the README (Figure 6).
+CPU runtime: under a minute (2 shared cores). Measured (one thread) at load average 2.1: textbook
+0.470 and 0.513 s, ours 0.165 and 0.169 s per trajectory, 2.84x and 3.03x (CPU time 2.81x, 3.01x;
+--method=update: 0.243 s against 0.077 s, 3.16x); at load 2.7-3.1: 2.4-3.05x (CPU time
+2.45-2.9x): the memory-bound steps swing with what the other jobs stream. Before the
+layer-by-layer LSTM backward and torch.bmm for the 20 x 20 products: 2.3-2.5x at load 1.5-4,
+1.9-2.1x at load 9-11 (--method=update 2.8-3.0x); the change alone, interleaved in one process:
+4-5% less CPU time per trajectory. At hidden 16 (--hidden=16, all small kernels): 0.034 s against
+0.091 s. First unroll's losses equal to 1.2e-5 (float32) and 3e-14 (float64). More in the README
+(Figure 6).
 
 Outputs: OUT_DIR/bench_learn_to_teleport.json (the resolved config, the environment, seconds per
 trajectory each way, their ratio, the losses and their largest relative difference); OUT_DIR

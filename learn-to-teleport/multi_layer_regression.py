@@ -6,11 +6,12 @@ the teleportation, on a two-layer regression L(W1, W2) = 0.5 ||Y - W2 s(W1 X)||^
 GD (--lr=3e-4) and the LSTMs of _meta.py, LSTM(update), LSTM(lr,tele), LSTM(update,tele) (w <-
 g_t . (w + f_t), g_t = I + T_t by eq. 54), meta-trained on 600, 30, 700 trajectories, tested on 5
 unseen ones. Committed run on a CPU (one thread, 2 cores shared with other jobs, load average
-1.2-3): meta-training 192 s (0.19 s per LSTM(update,tele) trajectory, 0.10 s per LSTM(update)
-one; 652 s at load 6-10; 2.4x faster per trajectory than a textbook LSTMCell/autograd/Adam
-implementation: benchmarks/bench_learn_to_teleport.py). Loss after 30 steps: LSTM(update,tele)
-17.7 +- 1.3, LSTM(update) 17.7 +- 0.9, GD 41 +- 10, and LSTM(update,tele) with its teleport
-switched off at test time 17.7 +- 1.3: the teleports add nothing; the learned update does it all.
+2-3): meta-training 207 s (0.22 s per LSTM(update,tele) trajectory, 0.086 s per LSTM(update) one;
+the run before, at load 1.2-3, 192 s; 652 s at load 6-10; 2.8-3.0x faster per trajectory than a
+textbook LSTMCell/autograd/Adam implementation at load 2: benchmarks/bench_learn_to_teleport.py).
+Loss after 30 steps: LSTM(update,tele) 17.7 +- 0.8, LSTM(update) 17.7 +- 0.8, GD 41 +- 10, and
+LSTM(update,tele) with its teleport switched off at test time 17.7 +- 0.9: the teleports add
+nothing; the learned update does it all.
 LSTM(lr,tele) sticks at the 1e-7 step under the authors' hard clamp (4.3e5); --eta-param=sigmoid
 keeps it alive.
 Choices (each stated again where it is made):
