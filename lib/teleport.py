@@ -8,7 +8,7 @@ from torch.func import jvp
 from lib.actions import GLAction, random_algebra, zero_algebra
 from lib.config import UsageError
 from lib.metrics import curvature, grad_norm_sq, random_directions, random_lie_elements, sharpness
-from lib.models import loss_fn
+from lib.models import loss_fn, losses_per_model
 
 OBJECTIVES = ("grad_norm", "log_grad_norm", "a_norm", "sharpness", "curvature")
 
@@ -39,7 +39,8 @@ def make_objective(name, act, loss="ce", precond=None, ts=None, kind="sphere", n
 
 def _solve_pinv(A, rtol=None):
     """A^+ = A^T (A A^T)^{-1} for A (K, m, n), m <= n, from a Cholesky factor of the m x m Gram matrix
-    in float64, and whether it is safe for every model (a 0-dim bool tensor, no sync): the Cholesky
+    in float64 (the product with A^T too: in float32 it errs by ~5e-7, and that moved eq. (46)'s
+    small loss drift of a teleport by its own size; tests/test_teleport_relu_rescaling.py), and whether it is safe for every model (a 0-dim bool tensor, no sync): the Cholesky
     succeeded and lambda_min / lambda_max >= 1 / (tr(A A^T) tr((A A^T)^{-1})) exceeds rtol^2, so no
     singular value of A is below pinv's cut-off rtol * sigma_max (rtol = max(m, n) * eps of A's dtype)."""
     m, n = A.shape[-2:]
@@ -110,7 +111,8 @@ def _grad_norm_rows(Z0, Ws, gram, Y, act, loss):
     for j in range(len(Ws) - 1, -1, -1):
         total = total + (delta.mT @ act(Zs[j])).pow(2).sum((1, 2))
         delta = (delta @ Ws[j]) * act.derivative(Zs[j].detach())
-    return total + ((gram @ delta) * delta).sum((1, 2))
+    gd = (gram @ delta).detach()  # d/d delta of tr(delta^T gram delta) = 2 gram delta (gram symmetric): one GEMM, not two
+    return total + 2 * (gd * delta).sum((1, 2)) - (gd * delta.detach()).sum((1, 2))
 
 
 def _ascent_objective(Ts, Z0, Ws, Zs, Aps, gram, Y, act, loss, pairs):
@@ -170,6 +172,67 @@ def grad_norm_ascent(W, Z0, gram, Y, act, loss, pairs, compile=False):
     return (obj, list(grads), Zs) if bool(ok) else None
 
 
+def _move_rows(W, Ts, Zs, P0, act, pairs):
+    """gl46_move without the first layer's left factor (kept in the composed g of pair 0 and
+    applied once at the end): (layers 1.. moved (K, out, in), Z_1 g_1^T, sigma(Z_1 g_1^T)^+ (pair 0's
+    solve at the next step; P0 if pair 0 is not acted), every solve safe)."""
+    new, Z0, ok = list(W), Zs[0], torch.ones((), dtype=torch.bool, device=W[0].device)
+    for T, m in zip(Ts, pairs):
+        g = torch.eye(T.shape[-1], dtype=T.dtype, device=T.device) + T
+        gz = Zs[m] @ g.mT
+        new[m] = new[m] if m == 0 else g @ new[m]
+        P, safe = _solve_pinv(act(gz).mT)
+        new[m + 1], ok = new[m + 1] @ (act(Zs[m]).mT @ P), ok & safe
+        Z0, P0 = (gz, P) if m == 0 else (Z0, P0)
+    return new[1:], Z0, P0, ok
+
+
+def _fast_step(W, Z0, P0, G, active, n_steps, ok, gram, Y, rate, cap, act, loss, pairs):
+    """One whole step of the fast path, without a host sync (one graph under torch.compile): the
+    closed-form ascent gradient (grad_norm_ascent), the models above `cap` stopped, T = rate * grad
+    on the active models, the move (_move_rows), the composed g = (I + T) g per pair (G) and the
+    step counts. P0 = sigma(Z0)^+ from the previous move (the same matrix: Z0 is that move's g z).
+    W[0] is not moved (see _move_rows). Returns the objective (K,) and the new (W, Z0, P0, G,
+    active, n_steps, ok); ok: every solve so far was safe (else the caller redoes the teleport)."""
+    Zs = _preacts(Z0, W[1:], act)
+    solved = [(P0, ok) if m == 0 else _solve_pinv(act(Zs[m]).mT) for m in pairs]
+    zero = [torch.zeros_like(g) for g in G]
+    grads, (_, obj) = torch.func.grad_and_value(_ascent_objective, has_aux=True)(
+        zero, Z0, W[1:], Zs, [P for P, _ in solved], gram, Y, act, loss, pairs)
+    active = active & (obj <= cap)
+    Ts = [g * (active.to(g.dtype) * rate).view(-1, 1, 1) for g in grads]
+    moved, Zn, Pn, safe = _move_rows(W, Ts, Zs, P0, act, pairs)
+    keep = lambda old, new: torch.where(active.view(-1, 1, 1), new, old)  # noqa: E731
+    W = [W[0], *(keep(a, b) for a, b in zip(W[1:], moved))]
+    G = [(torch.eye(T.shape[-1], dtype=T.dtype, device=T.device) + T) @ g for g, T in zip(G, Ts)]
+    ok = ok & safe & torch.stack([o for _, o in solved]).all()
+    return obj, (W, keep(Z0, Zn), P0 if P0 is None else keep(P0, Pn), G, active, n_steps + active.to(n_steps.dtype), ok)
+
+
+def _fast_teleport(W, Z0, gram, Y, act, loss, pairs, steps, rate, stop_above, compile):
+    """teleport's fast path, all `steps` steps of _fast_step and one sync at the end: (new W,
+    objective before (K,), composed g per pair, steps per model, the new X W_1^T), or None where some sigma(z) is not
+    safely of full row rank (then teleport takes its stepwise path, which switches to the general
+    one at that step). The same steps as that stepwise path to rounding."""
+    if steps < 1 or any(W[m].shape[1] > Z0.shape[1] for m in pairs):
+        return None
+    K, dev, dt = W[0].shape[0], W[0].device, W[0].dtype
+    with torch.no_grad():
+        P0, ok = _solve_pinv(act(Z0).mT) if 0 in pairs else (None, torch.ones((), dtype=torch.bool, device=dev))
+        G = [torch.eye(W[m].shape[1], dtype=dt, device=dev).expand(K, -1, -1).clone() for m in pairs]
+        state = (list(W), Z0, P0, G, torch.ones(K, dtype=torch.bool, device=dev), torch.zeros(K, dtype=dt, device=dev), ok)
+        rate, cap = (torch.tensor(float("inf") if x is None else x, dtype=dt, device=dev) for x in (rate, stop_above))
+        step, before = _compiled(_fast_step, compile), None
+        for _ in range(steps):
+            obj, state = step(*state, gram, Y, rate, cap, act, loss, pairs)
+            before = obj if before is None else before
+        W, Z0, _, G, _, n_steps, ok = state
+        if not bool(ok):
+            return None
+        W = [G[pairs.index(0)] @ W[0] if 0 in pairs else W[0], *W[1:]]
+    return W, before, G, n_steps.cpu(), Z0
+
+
 @torch.no_grad()
 def _fast_value(W, X, Y, act, loss, gram=None):
     """||grad L||^2 per model (K,) without autograd (_grad_norm_rows); gram = X X^T if known."""
@@ -226,8 +289,14 @@ def _algebra_norm(action, G):
                         for g in G], 1)
 
 
-def _drift_record(W0, W1, X, Y, act, loss, heldout):
-    rec = {"loss_before": loss_fn(W0, X, Y, act, loss), "loss_after": loss_fn(W1, X, Y, act, loss)}
+def _drift_record(W0, W1, X, Y, act, loss, heldout, rows=None):
+    """Losses before and after on (X, Y) (and heldout); rows = (X W0_1^T, X W1_1^T) if known (the
+    fast path tracks them): then nothing of input width."""
+    if rows is None:
+        rec = {"loss_before": loss_fn(W0, X, Y, act, loss), "loss_after": loss_fn(W1, X, Y, act, loss)}
+    else:
+        rec = {k: losses_per_model(act(_preacts(Z, W[1:], act)[-1]) @ W[-1].mT, Y, loss)
+               for k, Z, W in (("loss_before", rows[0], W0), ("loss_after", rows[1], W1))}
     if heldout is not None:
         rec["heldout_loss_before"] = loss_fn(W0, *heldout, act, loss)
         rec["heldout_loss_after"] = loss_fn(W1, *heldout, act, loss)
@@ -256,11 +325,15 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
     if fast:  # first-layer pre-activations and the Gram matrix, tracked without the input width
         from lib.models import forward
         gram, Z0, pairs = X @ X.T, forward(W[:1], X, act).contiguous(), action.acted_pairs(W)
+        Zi = Z0
     known = _fast(objective, action, X)  # ||grad L||^2 without autograd, else through the objective
     gram = X @ X.T if known and gram is None else gram
     value = (lambda _, V, X, Y: _fast_value(V, X, Y, *known, gram)) if known else _value
     before = None if fast else value(objective, W0, X, Y)  # first, as it may draw random numbers
-    for _ in range(steps):
+    done = fast and _fast_teleport(W, Z0, gram, Y, *fast, pairs, steps, lr if maximize else -lr, stop_above, compile)
+    if done:
+        W, before, G, n_steps, Zf = done
+    for _ in range(0 if done else steps):
         res = fast and grad_norm_ascent(W, Z0, gram, Y, *fast, pairs, compile)
         fast = fast if res else None  # no full row rank: the generic path from here on
         obj, grads = res[:2] if res else _ascent(objective, action, W, X, Y, act)
@@ -283,8 +356,9 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
     G = G or [torch.zeros(s, device=W[0].device) if action.name == "rescale"
               else torch.eye(s[-1], device=W[0].device).expand(s) for s in action.algebra_shapes(W)]
     with torch.no_grad():
-        rec = _drift_record(W0, W, X, Y, act, loss, heldout)
-    rec.update(objective_before=before, objective_after=value(objective, W, X, Y),
+        rec = _drift_record(W0, W, X, Y, act, loss, heldout, (Zi, Zf) if done else None)
+        after = _grad_norm_rows(Zf, W[1:], gram, Y, *known) if done else None  # from the tracked X W_1^T
+    rec.update(objective_before=before, objective_after=value(objective, W, X, Y) if after is None else after,
                algebra_norm=_algebra_norm(action, G), steps=n_steps)
     if W[0].is_cuda:
         torch.cuda.synchronize()

@@ -222,3 +222,33 @@ def test_compiled_chunks_equal_eager(leaky):
         out.append((train_epoch(W, opt, X, Y, leaky, 20, compile=compile), W))
     assert torch.allclose(out[0][0], out[1][0], rtol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(out[0][1], out[1][1]))
+
+
+def test_fused_teleport_stops_models_where_the_stepwise_path_does(leaky, monkeypatch):
+    import lib.teleport as tp
+    W, X, Y = _mlp_batch()
+    obj = make_objective("grad_norm", leaky)
+    start = tp._fast_value(W, X, Y, leaky, "ce")
+    cap = float(start.max()) * 1.03  # the larger two climb past it within a few steps, the smallest not
+    monkeypatch.setattr(tp, "grad_norm_ascent", None)  # the stepwise fast path is not used: all steps fused
+    Wa, ra, _ = teleport(W, X, Y, leaky, obj, GLAction(46), steps=6, lr=0.5, stop_above=cap)
+    monkeypatch.undo()
+    Wb, rb, _ = teleport(W, X, Y, leaky, lambda W, X, Y: obj(W, X, Y), GLAction(46), steps=6, lr=0.5, stop_above=cap)
+    assert ra["steps"] == rb["steps"] and len(set(ra["steps"])) > 1  # models stopped after different steps
+    for a, b in zip(Wa, Wb):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+    for k in ("objective_before", "objective_after", "loss_before", "loss_after", "algebra_norm"):
+        assert torch.allclose(torch.tensor(ra[k]), torch.tensor(rb[k]), rtol=1e-9), k
+    stopped = ra["steps"].index(min(ra["steps"]))  # it stays exactly where its last step left it
+    Wc, rc, _ = teleport(W, X, Y, leaky, obj, GLAction(46), steps=int(min(ra["steps"])), lr=0.5, stop_above=cap)
+    assert all(torch.equal(a[stopped], c[stopped]) for a, c in zip(Wa, Wc))
+
+
+@pytest.mark.slow
+def test_compiled_fused_teleport_equals_eager(leaky):
+    W, X, Y = _mlp_batch()
+    obj = make_objective("grad_norm", leaky)
+    (Wa, ra, _), (Wb, rb, _) = (teleport(W, X, Y, leaky, obj, GLAction(46), steps=4, lr=0.5, compile=c)
+                                for c in (False, True))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-10) for a, b in zip(Wa, Wb))
+    assert torch.allclose(torch.tensor(ra["objective_after"]), torch.tensor(rb["objective_after"]), rtol=1e-10)
