@@ -131,6 +131,21 @@ def _ascent_objective(Ts, Z0, Ws, Zs, Aps, gram, Y, act, loss, pairs):
     return obj.sum(), obj
 
 
+def _ascent_grads(Z0, Ws, Zs, Aps, gram, Y, act, loss, pairs):
+    """_ascent_objective's value (K,) and gradients at T = 0 by the chain rule through its linear
+    maps, from one backward of ||grad L||^2 in (Z0, W_2, ...) (D_0 = dF/dZ0, D_j = dF/dW_j): pair m
+    moves V (= Z0 for m = 0: Z0 + Z0 T^T; else W_m + T W_m) and U = W_{m+1} - W_{m+1} (sigma'(z) * (T z))^T
+    sigma(z)^+, so dF/dT = D_m W_m^T (D_0^T Z0 for m = 0) - (sigma'(z) * (sigma(z)^+ D_{m+1}^T W_{m+1}))^T z,
+    z = Zs[m] (K, B, n) in rows. No product with T = 0 and no backward through one. Aps as _ascent_objective."""
+    (dZ, dW), obj = torch.func.grad_and_value(lambda Z, V: (lambda o: (o.sum(), o))(
+        _grad_norm_rows(Z, V, gram, Y, act, loss)), argnums=(0, 1), has_aux=True)(Z0, list(Ws))
+    D, Wl, grads = [dZ, *dW], [None, *Ws], []
+    for m, Ap in zip(pairs, Aps):
+        right = act.derivative(Zs[m]) * (Ap @ (D[m + 1].mT @ Wl[m + 1]))
+        grads.append((D[0] - right).mT @ Z0 if m == 0 else D[m] @ Wl[m].mT - right.mT @ Zs[m])
+    return obj[1], grads
+
+
 def _ascent_step(W, Z0, gram, Y, act, loss, pairs):
     """One step of grad_norm_ascent before the rank check: (objective (K,), grads per pair,
     pre-activations Zs, whether every sigma(z)^+ came safely from the solve)."""
@@ -196,9 +211,7 @@ def _fast_step(W, Z0, P0, G, active, n_steps, ok, gram, Y, rate, cap, act, loss,
     active, n_steps, ok); ok: every solve so far was safe (else the caller redoes the teleport)."""
     Zs = _preacts(Z0, W[1:], act)
     solved = [(P0, ok) if m == 0 else _solve_pinv(act(Zs[m]).mT) for m in pairs]
-    zero = [torch.zeros_like(g) for g in G]
-    grads, (_, obj) = torch.func.grad_and_value(_ascent_objective, has_aux=True)(
-        zero, Z0, W[1:], Zs, [P for P, _ in solved], gram, Y, act, loss, pairs)
+    obj, grads = _ascent_grads(Z0, W[1:], Zs, [P for P, _ in solved], gram, Y, act, loss, pairs)
     active = active & (obj <= cap)
     Ts = [g * (active.to(g.dtype) * rate).view(-1, 1, 1) for g in grads]
     moved, Zn, Pn, safe = _move_rows(W, Ts, Zs, P0, act, pairs)
