@@ -7,10 +7,12 @@ the 784-16-10-10 MLP), several ways in one run, interleaved, after one untimed r
             and step);
   generic   lib.teleport.teleport's general path (all models at once, autograd through
             lib.actions.GLAction(46) and pinv): what teleport_optimization.py ran before;
-  fast      lib.teleport.teleport's fast path: the ascent gradient in closed form at T = 0 (no
-            second backward, no autograd through a pseudo-inverse, X X^T instead of the 784-wide
-            input), sigma(z)^+ = A^T (A A^T)^-1 from a float64 Cholesky factor (pinv_rows);
-  compiled  the fast path with its ascent step through torch.compile (COMPILE).
+  fast      lib.teleport.teleport's fast path: the ascent gradient in closed form at T = 0 (the chain
+            rule through eq. (46)'s linear maps from one backward of ||grad L||^2 in (X W_1^T, W_2,
+            W_3); no autograd through a pseudo-inverse, X X^T instead of the 784-wide input),
+            sigma(z)^+ = A^T (A A^T)^-1 from a float64 Cholesky factor (pinv_rows), all steps of a
+            teleport without a host sync, W_1 moved once at the end;
+  compiled  the fast path with each whole step (ascent, stop rule, move) one torch.compile graph (COMPILE).
 
 All start from the same weights and teleport on the same 8 batches; the final weights and objectives
 of every way (float32) are compared with the textbook way run in float64. Also: one training step of the Figure-5 engine (the
@@ -21,7 +23,8 @@ sigma(z) (16 x 200 and 10 x 200), in float32 and float64, against a float64 pinv
     OMP_NUM_THREADS=1 python benchmarks/bench_teleport.py     # bundled 4,000-image MNIST subset
     python benchmarks/bench_teleport.py --quick
 
-CPU runtime: about 2-4 minutes (2 cores; the compile ~1 minute of it, before the timing).
+CPU runtime: about 1-3 minutes (2 cores; the compile ~30 s of it, before the timing; seconds with a warm
+inductor cache).
 
 Outputs: OUT_DIR/bench_teleport.json (resolved config, environment, load average, median seconds per
 way, ratios, agreement, pinv errors); OUT_DIR defaults to runs/bench (git-ignored). Also printed.

@@ -1,5 +1,6 @@
 """Teleportation: gradient ascent (or descent) on Lie-algebra elements of all acted layer pairs
 at once (Section 3, Algorithm 1's inner loop), and random teleportation of a given size."""
+import logging
 import time
 
 import torch
@@ -10,6 +11,7 @@ from lib.config import UsageError
 from lib.metrics import curvature, grad_norm_sq, random_directions, random_lie_elements, sharpness
 from lib.models import loss_fn, losses_per_model
 
+STEPS_PER_CALL = 2  # fast-path teleport steps per compiled call (teleport_optimization.py compiles with 2 steps)
 OBJECTIVES = ("grad_norm", "log_grad_norm", "a_norm", "sharpness", "curvature")
 
 
@@ -161,13 +163,20 @@ def _ascent_step(W, Z0, gram, Y, act, loss, pairs):
 _COMPILED = {}
 
 
+def _quiet_shim(record):
+    """Drops inductor's note that an op (the Cholesky) has no C shim and goes through ATen: expected."""
+    return "missing a c-shim implementation" not in record.getMessage()
+
+
 def _compiled(fn, mode):
     """torch.compile of one of the fast path's steps, once per (function, mode); mode False: fn itself."""
     if not mode:
         return fn
     key = (fn.__name__, "default" if mode is True else mode)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False, mode=key[1])
+    if key not in _COMPILED:  # default (CPU): a C++ wrapper around the kernels, not Python (~5% of a step),
+        opts = {"mode": key[1]} if key[1] != "default" else {"options": {"cpp_wrapper": True}}
+        logging.getLogger("torch._inductor.ir").addFilter(_quiet_shim)  # which calls the Cholesky through ATen
+        _COMPILED[key] = torch.compile(fn, dynamic=False, **opts)
     return _COMPILED[key]
 
 
@@ -222,6 +231,16 @@ def _fast_step(W, Z0, P0, G, active, n_steps, ok, gram, Y, rate, cap, act, loss,
     return obj, (W, keep(Z0, Zn), P0 if P0 is None else keep(P0, Pn), G, active, n_steps + active.to(n_steps.dtype), ok)
 
 
+def _fast_steps(n, state, *args):
+    """n steps of _fast_step in one call (one graph under torch.compile, per n): (the first step's
+    objective (K,), the state after the n steps)."""
+    first = None
+    for _ in range(n):
+        obj, state = _fast_step(*state, *args)
+        first = obj if first is None else first
+    return first, state
+
+
 def _fast_teleport(W, Z0, gram, Y, act, loss, pairs, steps, rate, stop_above, compile):
     """teleport's fast path, all `steps` steps of _fast_step and one sync at the end: (new W,
     objective before (K,), composed g per pair, steps per model, the new X W_1^T), or None where some sigma(z) is not
@@ -235,9 +254,9 @@ def _fast_teleport(W, Z0, gram, Y, act, loss, pairs, steps, rate, stop_above, co
         G = [torch.eye(W[m].shape[1], dtype=dt, device=dev).expand(K, -1, -1).clone() for m in pairs]
         state = (list(W), Z0, P0, G, torch.ones(K, dtype=torch.bool, device=dev), torch.zeros(K, dtype=dt, device=dev), ok)
         rate, cap = (torch.tensor(float("inf") if x is None else x, dtype=dt, device=dev) for x in (rate, stop_above))
-        step, before = _compiled(_fast_step, compile), None
-        for _ in range(steps):
-            obj, state = step(*state, gram, Y, rate, cap, act, loss, pairs)
+        chunk, before = _compiled(_fast_steps, compile), None
+        for i in range(0, steps, STEPS_PER_CALL):
+            obj, state = chunk(min(STEPS_PER_CALL, steps - i), state, gram, Y, rate, cap, act, loss, pairs)
             before = obj if before is None else before
         W, Z0, _, G, _, n_steps, ok = state
         if not bool(ok):
