@@ -321,14 +321,19 @@ def _algebra_norm(action, G):
                         for g in G], 1)
 
 
-def _drift_record(W0, W1, X, Y, act, loss, heldout, rows=None):
-    """Losses before and after on (X, Y) (and heldout); rows = (X W0_1^T, X W1_1^T) if known (the
-    fast path tracks them): then nothing of input width."""
-    if rows is None:
-        rec = {"loss_before": loss_fn(W0, X, Y, act, loss), "loss_after": loss_fn(W1, X, Y, act, loss)}
-    else:
-        rec = {k: losses_per_model(act(_preacts(Z, W[1:], act)[-1]) @ W[-1].mT, Y, loss)
-               for k, Z, W in (("loss_before", rows[0], W0), ("loss_after", rows[1], W1))}
+def _record_rows(Zi, Zf, V0, V1, gram, Y, act, loss):
+    """(loss before, loss after, ||grad L||^2 after), each (K,), of a fast-path teleport from the first
+    layer's pre-activations before (Zi) and after (Zf) it and the other layers V0, V1 (W[1:]):
+    nothing of input width (_grad_norm_rows)."""
+    out = lambda Z, V: act(_preacts(Z, V, act)[-1]) @ V[-1].mT  # noqa: E731
+    return (losses_per_model(out(Zi, V0), Y, loss), losses_per_model(out(Zf, V1), Y, loss),
+            _grad_norm_rows(Zf, V1, gram, Y, act, loss))
+
+
+def _drift_record(W0, W1, X, Y, act, loss, heldout, losses=None):
+    """Losses before and after on (X, Y) (given as `losses` if known) and on heldout."""
+    before, after = (loss_fn(W0, X, Y, act, loss), loss_fn(W1, X, Y, act, loss)) if losses is None else losses
+    rec = {"loss_before": before, "loss_after": after}
     if heldout is not None:
         rec["heldout_loss_before"] = loss_fn(W0, *heldout, act, loss)
         rec["heldout_loss_after"] = loss_fn(W1, *heldout, act, loss)
@@ -388,8 +393,9 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
     G = G or [torch.zeros(s, device=W[0].device) if action.name == "rescale"
               else torch.eye(s[-1], device=W[0].device).expand(s) for s in action.algebra_shapes(W)]
     with torch.no_grad():
-        rec = _drift_record(W0, W, X, Y, act, loss, heldout, (Zi, Zf) if done else None)
-        after = _grad_norm_rows(Zf, W[1:], gram, Y, *known) if done else None  # from the tracked X W_1^T
+        rows = _compiled(_record_rows, compile)(Zi, Zf, W0[1:], W[1:], gram, Y, *known) if done else None
+        rec = _drift_record(W0, W, X, Y, act, loss, heldout, rows and rows[:2])
+        after = rows and rows[2]  # from the tracked X W_1^T
     rec.update(objective_before=before, objective_after=value(objective, W, X, Y) if after is None else after,
                algebra_norm=_algebra_norm(action, G), steps=n_steps)
     if W[0].is_cuda:
