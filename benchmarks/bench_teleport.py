@@ -12,7 +12,8 @@ the 784-16-10-10 MLP), several ways in one run, interleaved, after one untimed r
             W_3); no autograd through a pseudo-inverse, X X^T instead of the 784-wide input),
             sigma(z)^+ = A^T (A A^T)^-1 from a float64 Cholesky factor (pinv_rows), all steps of a
             teleport without a host sync, W_1 moved once at the end;
-  compiled  the fast path with each whole step (ascent, stop rule, move) one torch.compile graph (COMPILE).
+  compiled  the fast path with each whole step (ascent, stop rule, move) one torch.compile graph
+            (COMPILE).
 
 All start from the same weights and teleport on the same 8 batches; the final weights and objectives
 of every way (float32) are compared with the textbook way run in float64. Also: one training step of the Figure-5 engine (the

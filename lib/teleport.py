@@ -42,7 +42,8 @@ def make_objective(name, act, loss="ce", precond=None, ts=None, kind="sphere", n
 def _solve_pinv(A, rtol=None):
     """A^+ = A^T (A A^T)^{-1} for A (K, m, n), m <= n, from a Cholesky factor of the m x m Gram matrix
     in float64 (the product with A^T too: in float32 it errs by ~5e-7, and that moved eq. (46)'s
-    small loss drift of a teleport by its own size; tests/test_teleport_relu_rescaling.py), and whether it is safe for every model (a 0-dim bool tensor, no sync): the Cholesky
+    small loss drift of a teleport by its own size; tests/test_teleport_relu_rescaling.py), and whether
+    it is safe for every model (a 0-dim bool tensor, no sync): the Cholesky
     succeeded and lambda_min / lambda_max >= 1 / (tr(A A^T) tr((A A^T)^{-1})) exceeds rtol^2, so no
     singular value of A is below pinv's cut-off rtol * sigma_max (rtol = max(m, n) * eps of A's dtype)."""
     m, n = A.shape[-2:]
@@ -113,7 +114,7 @@ def _grad_norm_rows(Z0, Ws, gram, Y, act, loss):
     for j in range(len(Ws) - 1, -1, -1):
         total = total + (delta.mT @ act(Zs[j])).pow(2).sum((1, 2))
         delta = (delta @ Ws[j]) * act.derivative(Zs[j].detach())
-    gd = (gram @ delta).detach()  # d/d delta of tr(delta^T gram delta) = 2 gram delta (gram symmetric): one GEMM, not two
+    gd = (gram @ delta).detach()  # d/d delta tr(delta^T gram delta) = 2 gram delta (symmetric): one GEMM, not two
     return total + 2 * (gd * delta).sum((1, 2)) - (gd * delta.detach()).sum((1, 2))
 
 
@@ -252,7 +253,8 @@ def _fast_teleport(W, Z0, gram, Y, act, loss, pairs, steps, rate, stop_above, co
     with torch.no_grad():
         P0, ok = _solve_pinv(act(Z0).mT) if 0 in pairs else (None, torch.ones((), dtype=torch.bool, device=dev))
         G = [torch.eye(W[m].shape[1], dtype=dt, device=dev).expand(K, -1, -1).clone() for m in pairs]
-        state = (list(W), Z0, P0, G, torch.ones(K, dtype=torch.bool, device=dev), torch.zeros(K, dtype=dt, device=dev), ok)
+        active, n_steps = torch.ones(K, dtype=torch.bool, device=dev), torch.zeros(K, dtype=dt, device=dev)
+        state = (list(W), Z0, P0, G, active, n_steps, ok)
         rate, cap = (torch.tensor(float("inf") if x is None else x, dtype=dt, device=dev) for x in (rate, stop_above))
         chunk, before = _compiled(_fast_steps, compile), None
         for i in range(0, steps, STEPS_PER_CALL):

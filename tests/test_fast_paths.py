@@ -9,7 +9,8 @@ from conftest import make_batch, make_weights
 from lib.actions import GLAction
 from lib.models import Activation, forward
 from lib.optim import make_optimizer, reset_state
-from lib.teleport import _ascent, _ascent_grads, _preacts, _solve_pinv, gl46_move, grad_norm_ascent, make_objective, pinv_rows, teleport
+from lib.teleport import (_ascent, _ascent_grads, _preacts, _solve_pinv, gl46_move, grad_norm_ascent, make_objective,
+                          pinv_rows, teleport)
 from lib.train import eager_train_step, make_model, step_mode, train_epoch
 
 OPTIMIZERS = ["sgd", "momentum", "adagrad", "rmsprop", "adam"]
@@ -114,7 +115,8 @@ def test_chain_rule_ascent_gradient_equals_autograd_through_the_action(leaky):
     W, X, Y = _mlp_batch()
     obj, grads = _ascent(make_objective("grad_norm", leaky), GLAction(46), W, X, Y, leaky)
     Zs = _preacts(forward(W[:1], X, leaky), W[1:], leaky)
-    value, fast = _ascent_grads(Zs[0], W[1:], Zs, [_solve_pinv(leaky(z).mT)[0] for z in Zs], X @ X.T, Y, leaky, "ce", [0, 1])
+    Aps = [_solve_pinv(leaky(z).mT)[0] for z in Zs]
+    value, fast = _ascent_grads(Zs[0], W[1:], Zs, Aps, X @ X.T, Y, leaky, "ce", [0, 1])
     assert torch.allclose(obj, value, rtol=1e-12)
     for a, b in zip(grads, fast):
         assert (a - b).norm() <= 1e-10 * a.norm() and a.norm() > 0
