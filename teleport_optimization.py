@@ -9,12 +9,12 @@ RMSProp and Adam; control arms split the gain into its causes.
 Protocol: 784-16-10-10 MLP, LeakyReLU(0.1), batches of 20, 5 seeds, 40 epochs; the teleport arm takes
 10 ascent steps of ||grad L||^2 over g = I + T (eq. 46) before each of the first 8 batches of one
 epoch, then resets the optimizer (the authors' per-optimizer lr, epoch and step size: PRESETS).
-Runtime: 90 s on one thread of a 2-core CPU at load 4 (40 s of it compiling the training and teleport
-steps, before the clocks start), bundled 4,000-image MNIST; --quick 15 s. An arm's 40 epochs take
-0.9-2.9 s, the 8 teleports 0.12-0.22 s of it (2-4 epochs of 4,000 images here; Figure 13 per wall time).
+Runtime: 40-90 s on one thread of a 2-core CPU at load 1-4 (much of it compiling the training and
+teleport steps, before the clocks start), bundled 4,000-image MNIST; --quick 15 s. An arm's 40 epochs take
+1.0-1.3 s, the 8 teleports 0.09-0.10 s of it (3-4 epochs of 4,000 images here; Figure 13 per wall time).
 Headline: the teleport arm's training loss is below the baseline's at epochs 1-5 (AdaGrad: 3-5).
 Controls: AdaGrad's gain is the optimizer reset (reset-only reaches 106% of it); momentum's and
-Adam's is the optimised move (reset-only and random-teleport: -7% to -1%), RMSProp's mostly (15%, 17%).
+Adam's is the optimised move (reset-only and random-teleport: -7% to -1%), RMSProp's mostly (13%, 18%).
 
 Outputs: under OUT_DIR, results/optimization/<DATASET>_<optimizer>.json (config, environment, data,
 per arm the losses per epoch and run, times, teleport records, divergence epochs) and
