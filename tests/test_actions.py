@@ -141,7 +141,7 @@ def _rel(a, b):
     return [((x - y).norm() / y.norm()).item() for x, y in zip(a, b)]
 
 
-WIDE = [20, 30, 25, 22, 15, 1]  # the example: every width >= the batch of 12
+WIDE = [20, 30, 25, 22, 15, 1]  # every width >= the batch of 12
 
 
 @pytest.mark.parametrize("eq", [46, 54])

@@ -1,4 +1,4 @@
-"""psi's two conventions (lib.metrics.curve_derivatives, issue 18): with one layer pair they
+"""psi's two conventions (lib.metrics.curve_derivatives): with one layer pair they
 agree; with several, gamma' agrees and gamma'' differs by exactly the cross term 2A'B' that the
 authors' pair-by-pair sum drops: -2 V'_m M_{m-1} on every hidden layer that is the V of pair m and
 the U of pair m-1, V'_m from the closed form of eq. (57); float64. The batched closed forms
