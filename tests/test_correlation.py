@@ -50,7 +50,10 @@ def test_quick_run_writes_table_json_figures_and_skip_training_reproduces(tmp_pa
     cfg = res["config"]  # the per-dataset resolved config: presets filled, no absolute paths
     assert cfg["QUICK"] and cfg["DATASET"] == "MNIST" and cfg["LR"] == 0.01 and cfg["WIDTHS"] == [784, 16, 10, 10]
     assert cfg["DATA_DIR"] == str(tmp_path / "data")  # outside the repository: kept as given
-    assert load_json(res_dir / "MNIST_training.json")["config"] == cfg
+    training = load_json(res_dir / "MNIST_training.json")
+    assert training["config"] == cfg and res["dataset"] == "MNIST"
+    assert training["train_loss_final"] == res["train_loss_final"]
+    assert len(training["train_acc_final"]) == K and all(0 <= a <= 100 for a in training["train_acc_final"])  # percent
     for m in (*correlation.METRICS, *correlation.EXCESS, "val_loss", "val_acc", "train_loss_final", "loss_w",
               "train_loss_epoch_mean"):
         assert len(res[m]) == K and all(np.isfinite(res[m])), m

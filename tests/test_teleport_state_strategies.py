@@ -41,6 +41,8 @@ def test_quick_writes_both_figures_and_results(quick):
     for part in ("momentum", "adagrad"):
         first = torch.tensor(saved[part]["no teleport"])[:, :e + 1]
         assert all(torch.equal(torch.tensor(c)[:, :e + 1], first) for c in saved[part].values())
+    assert set(saved["teleports"]) == {"momentum-transport", "momentum-keep", "momentum-reset",
+                                       "adagrad-grad_norm", "adagrad-a_norm"}
     for rec in saved["teleports"].values():  # batch 4 <= hidden widths 6, 7: eq. (46) keeps the loss
         assert torch.allclose(torch.tensor(rec["loss_after"]), torch.tensor(rec["loss_before"]), rtol=1e-3)
         assert rec["objective_after"] != rec["objective_before"]
