@@ -30,8 +30,7 @@ from lib.actions import GLAction
 from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run, with_preset
 from lib.data import load
-from lib.io import (check_replace_set, environment, experiment_dirs, load_results, save_json, save_text,
-                    saved_config, staged)
+from lib.io import check_replace_set, environment, load_set, save_set, saved_config
 from lib.models import Activation
 from lib.plots import loss_panels, save_figure
 from lib.progress import Checkpoint
@@ -278,6 +277,12 @@ def summary(cfg, results):
     return md, {"per_arm": data, "verdicts": verdicts, "teleport_below_baseline": below}
 
 
+def draw(opt, s, stem):
+    """Figures 5/13 style loss panels of one optimizer's saved record, at `stem`_loss_vs_*.png."""
+    n_runs = len(next(iter(s["arms"].values()))["train_loss"][0])
+    plot_optimizer(s["arms"], f"{s['data']['label']}, {opt}: mean over {n_runs} runs (band: ±1 std)", stem)
+
+
 def train_all(cfg, names, path):
     """Every optimizer's arms (settings and data checked against saved results first): what to save."""
     configs = {opt: with_preset(cfg, PRESETS, "OPTIMIZER", opt) for opt in cfg["OPTIMIZERS_RUN"]}
@@ -298,27 +303,15 @@ def main(cfg):
     tag, plot_only = cfg["DATASET"], cfg["PLOT_ONLY"]
     path = lambda name: os.path.join(cfg["OUT_DIR"], "results", "optimization", f"{tag}_{name}.json")  # noqa: E731
     if plot_only:  # the tables use the config the results were made with
-        saved = {opt: load_results(path(opt)) for opt in cfg["OPTIMIZERS_RUN"]}
-        run_cfg = {**next(iter(saved.values()))["config"], "PLOT_ONLY": True}
+        saved, run_cfg = load_set(path, cfg["OPTIMIZERS_RUN"])
     else:
         (saved, ckpt), run_cfg = train_all(cfg, names, path), saved_config(cfg)
-    with staged(cfg["OUT_DIR"]) as out:  # the outputs replace the previous set only when all are written
-        fig_dir, res_dir = experiment_dirs("optimization", out)
-        for opt, s in saved.items():
-            if not plot_only:
-                save_json(os.path.join(res_dir, f"{tag}_{opt}.json"), s)
-            n_runs = len(next(iter(s["arms"].values()))["train_loss"][0])
-            plot_optimizer(s["arms"], f"{s['data']['label']}, {opt}: mean over {n_runs} runs (band: ±1 std)",
-                           os.path.join(fig_dir, f"{tag}_{opt}"))
-        md, summ = summary(run_cfg, {opt: s["arms"] for opt, s in saved.items()})
-        print("\n" + md)
-        if not plot_only:
-            save_json(os.path.join(res_dir, f"{tag}_summary.json"),
-                      {"config": run_cfg, "environment": environment(), **summ})
-            save_text(os.path.join(res_dir, f"{tag}_summary.md"), md)
+    arms = {opt: s["arms"] for opt, s in saved.items()}
+    save_set(cfg["OUT_DIR"], "optimization", tag, saved, draw, lambda: summary(run_cfg, arms), run_cfg,
+             write=not plot_only)  # the outputs replace the previous set only when all are written
     if not plot_only:
         ckpt.finish()
-    return {opt: s["arms"] for opt, s in saved.items()}
+    return arms
 
 
 if __name__ == "__main__":

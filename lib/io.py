@@ -170,6 +170,33 @@ def check_replace_set(configs, path, cfg, data=None):
         check_replace(path("summary"), saved_config(cfg))
 
 
+def load_set(path, choices):
+    """--plot-only for a script with one results file per choice (optimizer) at path(choice):
+    the saved records, and the config they were made with (for the tables)."""
+    saved = {c: load_results(path(c)) for c in choices}
+    return saved, {**next(iter(saved.values()))["config"], "PLOT_ONLY": True}
+
+
+def save_set(root, experiment, tag, saved, plot, summarize, run_cfg, write=True):
+    """Write such a script's outputs as one staged set under `root`: per choice its record
+    (<tag>_<choice>.json) and plot(choice, record, figure stem); then the summary,
+    (md, fields) = summarize(), printed and saved as <tag>_summary.{json,md}. write=False
+    (--plot-only): figures and the printed summary only. Returns the summary's fields."""
+    with staged(root) as out:
+        fig_dir, res_dir = experiment_dirs(experiment, out)
+        for choice, record in saved.items():
+            if write:
+                save_json(os.path.join(res_dir, f"{tag}_{choice}.json"), record)
+            plot(choice, record, os.path.join(fig_dir, f"{tag}_{choice}"))
+        md, fields = summarize()
+        print("\n" + md)
+        if write:
+            save_json(os.path.join(res_dir, f"{tag}_summary.json"),
+                      {"config": run_cfg, "environment": environment(), **fields})
+            save_text(os.path.join(res_dir, f"{tag}_summary.md"), md)
+    return fields
+
+
 def check_replace(path, cfg, ignore=(), data=None):
     """Refuse (one line) to replace a results file made with other settings, unless REPLACE:
     only a run of the same protocol replaces saved results. Plumbing settings (and `ignore`:
