@@ -418,16 +418,30 @@ def teleport_module(model, loss_fn, inputs, targets, *, group="rescale", objecti
     f = make_objective(objective, model, buffers, loss_fn, inputs, targets, names, optimizer, sharpness_ts, generator)
     leaf = lambda P: {n: p.detach().requires_grad_(n in names) for n, p in P.items()}  # noqa: E731
     before = float(f(leaf(params)).detach())
-    pushed = _moments(optimizer, model, 1) if optimizer is not None and state == "transport" and group == "gl" else {}
+    pushed = _gl_moments(optimizer, model, group, state)
     params0, (params, total, pushed, taken) = params, _ascend(sym, f, leaf, params, buffers, inputs, steps,
                                                               lr if maximize else -lr, pushed)
     rec = {"group": group, "objective": objective, "state": state, "maximize": bool(maximize), "lr": float(lr),
            "steps": taken, "objective_before": before, "objective_after": float(f(leaf(params)).detach()),
            "size": sym.size(_algebra(sym, total)),
            "units": sum(s[0] for s in sym.shapes())}
-    _losses(rec, model, params0, params, buffers, loss_fn, inputs, targets, heldout or (None, None))
-    _write(model, params)
-    carry_state(optimizer, model, sym, state, total, pushed)
+    return _finish(rec, model, sym, params0, params, total, pushed, buffers, optimizer, state,
+                   (loss_fn, inputs, targets, heldout), t0)
+
+
+def _gl_moments(optimizer, model, group, state):
+    """First moments to push forward through the ascent: only for 'transport' under 'gl' (under
+    'rescale' carry_state transports them from the group element alone)."""
+    return _moments(optimizer, model, 1) if optimizer is not None and state == "transport" and group == "gl" else {}
+
+
+def _finish(rec, model, sym, old, new, element, pushed, buffers, optimizer, state, data, t0):
+    """Complete a teleport: the losses before/after into `rec`, the new weights into the model,
+    the optimizer state carried over by `state`, the notices and the wall time. Returns rec."""
+    loss_fn, inputs, targets, heldout = data
+    _losses(rec, model, old, new, buffers, loss_fn, inputs, targets, heldout or (None, None))
+    _write(model, new)
+    carry_state(optimizer, model, sym, state, element, pushed)
     rec.update(notices=list(sym.notices), time_s=time.perf_counter() - t0)
     return rec
 
@@ -498,13 +512,10 @@ def random_teleport_module(model, size, *, group="rescale", generator=None, opti
     norm = sym.size(draws)
     elements = [d * (size / norm) for d in draws] if norm > 0 else draws
     hs = sym.batch_inputs(params, buffers, inputs)
-    pushed = _moments(optimizer, model, 1) if optimizer is not None and state == "transport" and group == "gl" else {}
+    pushed = _gl_moments(optimizer, model, group, state)
     pushed = _push(sym, params, elements, hs, pushed)
     new = {n: p.detach() for n, p in sym(params, elements, hs).items()}
     rec = {"group": group, "objective": "random", "state": state, "steps": 0, "size": sym.size(elements),
            "units": sum(s[0] for s in sym.shapes())}
-    _losses(rec, model, params, new, buffers, loss_fn, inputs, targets, heldout or (None, None))
-    _write(model, new)
-    carry_state(optimizer, model, sym, state, elements, pushed)
-    rec.update(notices=list(sym.notices), time_s=time.perf_counter() - t0)
-    return rec
+    return _finish(rec, model, sym, params, new, elements, pushed, buffers, optimizer, state,
+                   (loss_fn, inputs, targets, heldout), t0)
