@@ -470,13 +470,19 @@ def test_failed_models_known_answers():
     assert failed_models(arm, [torch.ones(2, 1, 1)], {"drift": [5.0, 5.0]}).tolist() == [False, False]
 
 
-def test_branch_copies_models_and_state_arm_major():
-    from lib.arms import branch
-    W = [w.requires_grad_() for w in make_weights([4, 3, 2], K=2)]
+def _momentum_after_one_step(K):
+    """K models of a 4-3-2 MLP and their momentum optimizer after one step (non-zero buffers)."""
+    W = [w.requires_grad_() for w in make_weights([4, 3, 2], K=K)]
     opt = make_optimizer("momentum", W, 0.1)
     X, Y = make_batch(6, 4, 2)
     loss_fn(W, X, Y, ACT).sum().backward()
     opt.step()
+    return W, opt
+
+
+def test_branch_copies_models_and_state_arm_major():
+    from lib.arms import branch
+    W, opt = _momentum_after_one_step(K=2)
     W3, opt3 = branch(W, opt, 3, "momentum", 0.1)
     for w, w3 in zip(W, W3):
         assert w3.shape[0] == 6 and all(torch.equal(w3[2 * a:2 * a + 2], w.detach()) for a in range(3))
@@ -635,11 +641,7 @@ def test_random_lie_elements_psi_and_acted_pairs():
 
 def test_transport_of_some_models_replaces_only_their_first_moments():
     from lib.optim import apply_strategy, first_moments
-    W = [w.requires_grad_() for w in make_weights([4, 3, 2], K=3)]
-    opt = make_optimizer("momentum", W, 0.1)
-    X, Y = make_batch(6, 4, 2)
-    loss_fn(W, X, Y, ACT).sum().backward()
-    opt.step()
+    W, opt = _momentum_after_one_step(K=3)
     before = [b.clone() for b in first_moments(opt, W)]
     new = [torch.full_like(b[1:2], 7.0) for b in before]
     apply_strategy(opt, W, "transport", new, models=slice(1, 2))
