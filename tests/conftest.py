@@ -33,3 +33,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def usage_error(capsys, module, argv):
+    """Run a script (its main through lib.config.run, with argv) that must stop on bad input:
+    status 2 and exactly one line on stderr, starting 'error: '. Returns that line."""
+    from lib.config import run
+    with pytest.raises(SystemExit) as exc:
+        run(module.main, vars(module), argv=argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err

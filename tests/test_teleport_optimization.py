@@ -20,6 +20,7 @@ from lib.progress import Checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import teleport_optimization as script  # noqa: E402
+from conftest import usage_error  # noqa: E402
 
 
 def _cfg(tmp_path, **kw):
@@ -209,10 +210,8 @@ def test_reset_only_without_moments_is_bitwise_the_baseline(tmp_path):
                                         (["--figure=12"], "unknown setting"),
                                         (["--plot-only"], "--plot-only: no saved results")])
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, match):
-    with pytest.raises(SystemExit) as exc:
-        run(script.main, vars(script), argv=["--quick", f"--data-dir={tmp_path}", f"--out-dir={tmp_path}"] + args)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.startswith("error: ") and match in err and err.count("\n") == 1
+    argv = ["--quick", f"--data-dir={tmp_path}", f"--out-dir={tmp_path}"] + args
+    assert match in usage_error(capsys, script, argv)
 
 
 def test_missing_data_offline_is_the_libs_one_line_error(tmp_path, capsys, monkeypatch):
