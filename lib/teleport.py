@@ -360,13 +360,12 @@ def teleport(W, X, Y, act, objective, action, steps=10, lr=5e-2, maximize=True, 
     W0 = W = [w.detach() for w in W]
     K = W[0].shape[0]
     active, n_steps, G = torch.ones(K, dtype=torch.bool, device=W[0].device), torch.zeros(K), None
-    fast, gram = _fast(objective, action, X) if not tangents else None, None
-    if fast:  # first-layer pre-activations and the Gram matrix, tracked without the input width
-        from lib.models import forward
-        gram, Z0, pairs = X @ X.T, forward(W[:1], X, act).contiguous(), action.acted_pairs(W)
-        Zi = Z0
     known = _fast(objective, action, X)  # ||grad L||^2 without autograd, else through the objective
-    gram = X @ X.T if known and gram is None else gram
+    fast, gram = (None if tangents else known), (X @ X.T if known else None)
+    if fast:  # the first layer's pre-activations, tracked without the input width
+        from lib.models import forward
+        Z0, pairs = forward(W[:1], X, act).contiguous(), action.acted_pairs(W)
+        Zi = Z0
     value = (lambda _, V, X, Y: _fast_value(V, X, Y, *known, gram)) if known else _value
     before = None if fast else value(objective, W0, X, Y)  # first, as it may draw random numbers
     done = fast and _fast_teleport(W, Z0, gram, Y, *fast, pairs, steps, lr if maximize else -lr, stop_above, compile)
