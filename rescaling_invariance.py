@@ -99,6 +99,9 @@ MEASURES = {"loss": "loss L(w) (control)", "grad_norm": "||grad L||^2 (the telep
             "psi_authors": "psi, the authors' convention",
             "top_eigenvalue": "top Hessian eigenvalue", "hessian_trace": "Hessian trace (Hutchinson)",
             "asam_worst": "adaptive sharpness, worst case", "asam_average": "adaptive sharpness, average case"}
+TICKS = {"loss": "loss L(w)", "grad_norm": "||grad L||^2", "phi": "phi", "phi_excess": "phi - L(w)",
+         "psi": "psi, exact", "psi_authors": "psi, authors'", "top_eigenvalue": "top eigenvalue",
+         "hessian_trace": "Hessian trace", "asam_worst": "adaptive, worst", "asam_average": "adaptive, average"}
 
 
 def transformed(cfg, W, X, Y, act):
@@ -232,7 +235,7 @@ def plot(res, path, dpi):
         ax.set_yscale("log")
         ax.set_ylim(1e-17, None)
         ax.axhline(1e-12, color="0.6", lw=0.8, ls=":")
-        ax.set_xticks(np.arange(len(keys)), [MEASURES[k].split(",")[0].split(" (")[0] for k in keys],
+        ax.set_xticks(np.arange(len(keys)), [TICKS.get(k, k) for k in keys],
                       rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("relative change (bar: median, tick: max)")
         ax.set_title(f"{act_name}: {res['label']}, {res['config']['N_MODELS']} models", fontsize=9)
