@@ -137,7 +137,7 @@ def loss_and_grads(W, X, Y, act, loss="ce"):
 def evaluate(W, X, Y, act, loss="ce", chunk=10000):
     """Mean loss and accuracy (in %, nan for regression) per model over a whole set, no grad."""
     K, n = W[0].shape[0], X.shape[0]
-    tot, correct = torch.zeros(K, device=X.device), torch.zeros(K, device=X.device)
+    tot, correct = (torch.zeros(K, dtype=W[0].dtype, device=X.device) for _ in range(2))  # the models' dtype
     for i in range(0, n, chunk):
         out = forward(W, X[i:i + chunk], act)
         b = out.shape[1]

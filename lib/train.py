@@ -123,7 +123,7 @@ def train_epoch(W, opt, X, Y, act, batch_size, loss="ce", before_batch=None, com
     calls for a chunk of batches are made together before the chunk.
     Returns the mean batch loss per model (K,), on the device."""
     n = -(-X.shape[0] // batch_size)
-    total = torch.zeros(W[0].shape[0], device=W[0].device)
+    total = torch.zeros(W[0].shape[0], dtype=W[0].dtype, device=W[0].device)  # the models' dtype
     if isinstance(opt, BatchedOptimizer):
         step, i, chunk = compiled_train_step if compile else eager_train_step, 0, STEPS_PER_CALL if compile else 1
         acts = lambda j: before_batch is not None and (hooked is None or j < hooked)  # noqa: E731 - it may act at j

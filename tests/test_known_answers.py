@@ -304,9 +304,6 @@ def test_evaluate_over_chunks_is_the_loss_over_the_whole_set(loss):
         assert acc.isnan().all()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="minor bug: evaluate (lib/models.py) and train_epoch (lib/train.py) sum the losses in "
-                          "torch.zeros' default float32, so float64 models get float32 losses")
 @pytest.mark.parametrize("which", ["evaluate", "train_epoch"])
 def test_losses_keep_the_models_dtype(which):
     from lib.train import train_epoch
