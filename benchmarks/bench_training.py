@@ -2,14 +2,22 @@
 several ways in one run, interleaved (the machine's speed drifts; others share the CPU), after
 one untimed round of each (first-call costs and the torch.compile stay out of the timing):
 
-  textbook  a torch.utils.data DataLoader over a TensorDataset of the same preloaded tensors,
-            one nn.Module model at a time, torch.optim (the usual research loop; reading every
-            image through torchvision's dataset and ToTensor, as most research code does, costs more);
+  textbook  the usual research loop, as the paper authors' released code runs Figure 5: torchvision's
+            dataset with transforms.ToTensor() (every image decoded per step), a
+            torch.utils.data.DataLoader with a sequential sampler over the training subset, one nn.Module
+            model at a time, torch.optim with its defaults, loss.item() per step (the floor of
+            issue 17, "50x the textbook DataLoader loop", is against this way);
+  preloaded a stricter baseline: a DataLoader over a TensorDataset of the already-preloaded
+            tensors, torch.optim's fused kernels (no image decoding: what a careful
+            single-model loop costs);
   per-seed  lib's engine on preloaded tensors, one model (K=1) at a time;
   batched   lib's engine, the 5 seeds as one batched model (K=5), torch.optim;
   compiled  the batched engine with its gradient step through torch.compile, torch.optim after it;
   fused     what teleport_optimization.py runs: lib.optim.BatchedOptimizer, the optimizer's update
-            inside the compiled step (lib.train.compiled_train_step): one compiled call per step.
+            inside the compiled step (lib.train.compiled_train_step): one compiled call per step;
+  arms      not what teleport_optimization.py runs (it trains one arm at a time, so that each arm
+            has its own wall time for Figure 13): the fused step with all 6 arms of an optimizer
+            (they share the data order) as one batched model of 6 x 5 models, per seed-epoch.
 
 All start from the same weights and see the same images in the same order, so their per-seed
 epoch losses agree (checked and printed). The fused step of each of the protocol's four optimizers
@@ -31,6 +39,7 @@ OUT_DIR defaults to runs/bench (git-ignored), never the committed results/. The 
 """
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -65,20 +74,22 @@ PROTOCOL_LRS = {"adagrad": 1e-2, "momentum": 1e-3, "rmsprop": 1e-4, "adam": 1e-4
 ACT = Activation(0.1)
 
 
-def textbook_epoch(cfg, data, W0):
-    """One epoch per seed the usual way: a DataLoader over a TensorDataset of the training
-    images (the tensors lib.data.load returns, in the same order as the engine sees them)."""
-    from torch.utils.data import DataLoader, TensorDataset
-    loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=cfg["BATCH_SIZE"], shuffle=False)
+def torch_model(W0, k):
+    """Seed k of the stacked weights W0 as an nn.Sequential of bias-free Linear layers."""
+    layers = []
+    for j, w in enumerate(W0):
+        lin = torch.nn.Linear(w.shape[2], w.shape[1], bias=False)
+        lin.weight.data.copy_(w[k])
+        layers += [lin] + ([torch.nn.LeakyReLU(ACT.slope)] if j < len(W0) - 1 else [])
+    return torch.nn.Sequential(torch.nn.Flatten(), *layers)
+
+
+def loader_epoch(cfg, loader, W0, optimizer):
+    """One epoch per seed over `loader`, one model at a time; optimizer(params) -> torch.optim."""
     losses = []
     for k in range(W0[0].shape[0]):
-        layers = []
-        for j, w in enumerate(W0):
-            lin = torch.nn.Linear(w.shape[2], w.shape[1], bias=False)
-            lin.weight.data.copy_(w[k])
-            layers += [lin] + ([torch.nn.LeakyReLU(ACT.slope)] if j < len(W0) - 1 else [])
-        model = torch.nn.Sequential(torch.nn.Flatten(), *layers)
-        opt = make_optimizer(cfg["OPTIMIZER"], model.parameters(), cfg["LR"])
+        model = torch_model(W0, k)
+        opt = optimizer(model.parameters())
         crit, total, n = torch.nn.CrossEntropyLoss(), 0.0, 0
         for x, y in loader:
             opt.zero_grad()
@@ -88,6 +99,49 @@ def textbook_epoch(cfg, data, W0):
             total, n = total + loss.item(), n + 1
         losses.append(total / n)
     return losses
+
+
+def textbook_loader(cfg, data, tmp):
+    """torchvision's dataset read through transforms.ToTensor(), the training subset lib.data.load
+    draws (the same seeded permutation, so the same images in the same order), in a DataLoader with
+    a sequential sampler: the authors' way of feeding Figure 5. torchvision reads only uncompressed
+    IDX files: gzipped ones (the bundled subset) are unpacked into the temporary folder `tmp` first."""
+    import gzip
+    import shutil
+
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from lib.data import BUNDLED, IDX_FILES
+    root = BUNDLED if data.source == "bundled" else cfg["DATA_DIR"]
+    raw, unpacked = os.path.join(root, cfg["DATASET"], "raw"), os.path.join(tmp, cfg["DATASET"], "raw")
+    if not all(os.path.exists(os.path.join(raw, f)) for f in IDX_FILES):
+        os.makedirs(unpacked, exist_ok=True)
+        for f in IDX_FILES:
+            src = os.path.join(raw, f)
+            with (open(src, "rb") if os.path.exists(src) else gzip.open(src + ".gz")) as a, \
+                    open(os.path.join(unpacked, f), "wb") as b:
+                shutil.copyfileobj(a, b)
+        root = tmp
+    ds = getattr(datasets, cfg["DATASET"])(root, train=True, download=False, transform=transforms.ToTensor())
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:cfg["TRAIN_SIZE"]]
+    return DataLoader(Subset(ds, idx.tolist()), batch_size=cfg["BATCH_SIZE"], shuffle=False, num_workers=0)
+
+
+def textbook_epoch(cfg, loader, W0):
+    """The textbook way: the ToTensor loader, torch.optim with its defaults (make_optimizer's
+    hyperparameters, without its fused kernels)."""
+    from lib.optim import OPTIMIZERS
+    cls, kw = OPTIMIZERS[cfg["OPTIMIZER"]]
+    return loader_epoch(cfg, loader, W0, lambda params: cls(params, lr=cfg["LR"], **kw))
+
+
+def preloaded_epoch(cfg, data, W0):
+    """The stricter baseline: a DataLoader over a TensorDataset of the preloaded tensors (in the
+    same order as the engine sees them), torch.optim's fused kernels (lib.optim.make_optimizer)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=cfg["BATCH_SIZE"], shuffle=False)
+    return loader_epoch(cfg, loader, W0, lambda params: make_optimizer(cfg["OPTIMIZER"], params, cfg["LR"]))
 
 
 def copy_model(cfg, W0, rows, fused=False, optimizer=None):
@@ -143,11 +197,16 @@ def main(cfg):
         torch.set_num_threads(1)
     data = load(cfg["DATASET"], cfg["DATA_DIR"], "cpu", cfg["TRAIN_SIZE"], 0)
     W0 = init_mlp(WIDTHS, [(r + 1) * 54321 for r in range(cfg["N_RUNS"])])
-    ways = {"textbook": lambda: textbook_epoch(cfg, data, W0),
+    tmp = tempfile.TemporaryDirectory()
+    loader = textbook_loader(cfg, data, tmp.name)
+    W0_arms = [w.repeat(6, 1, 1) for w in W0]  # 6 arms x the seeds, arm-major, as lib.arms.branch
+    ways = {"textbook": lambda: textbook_epoch(cfg, loader, W0),
+            "preloaded": lambda: preloaded_epoch(cfg, data, W0),
             "per-seed": lambda: engine_epoch(cfg, W0, data, batched=False),
             "batched": lambda: engine_epoch(cfg, W0, data, batched=True),
             "compiled": lambda: engine_epoch(cfg, W0, data, batched=True, compile=True),
             "fused": lambda: engine_epoch(cfg, W0, data, batched=True, compile=cfg["COMPILE"], fused=True),
+            "arms": lambda: engine_epoch(cfg, W0_arms, data, batched=True, compile=cfg["COMPILE"], fused=True),
             "teleport": lambda: teleport_moment(cfg, W0, data)}
     for o in PROTOCOL_LRS:  # the fused step of every optimizer of the protocol, for the estimate
         if o != cfg["OPTIMIZER"]:
@@ -173,12 +232,16 @@ def main(cfg):
     print(f"{data.label}: {n} training images, {K} seeds, {cfg['OPTIMIZER']}, batch {cfg['BATCH_SIZE']}, "
           f"threads {torch.get_num_threads()}, median of {cfg['REPEATS']} interleaved repeats, "
           f"load average {load_avg:.1f}")
-    engines = [w for w in ("textbook", "per-seed", "batched", "compiled", "fused") if w in ways]
+    engines = [w for w in ("textbook", "preloaded", "per-seed", "batched", "compiled", "fused", "arms") if w in ways]
+    models = {name: 6 * K if name == "arms" else K for name in engines}  # models trained per timed epoch
+    per = {name: med[name] / models[name] * K for name in engines}  # seconds per epoch of K seed-epochs
+    per_cpu = {name: med_cpu[name] / models[name] * K for name in engines}
     steps = -(-n // cfg["BATCH_SIZE"])
     for name in engines:
-        print(f"{name:>9}: {med[name]:8.3f} s per epoch of {K} seeds, {med[name] / K:7.4f} s per seed-epoch, "
-              f"{med[name] / steps * 1e6:7.1f} us per step, speed-up vs textbook {med['textbook'] / med[name]:6.1f}x "
-              f"(CPU time: {med_cpu[name] / steps * 1e6:7.1f} us per step, {med_cpu['textbook'] / med_cpu[name]:6.1f}x)")
+        print(f"{name:>9}: {per[name]:8.3f} s per epoch of {K} seeds, {per[name] / K:7.4f} s per seed-epoch, "
+              f"{per[name] / steps / K * 1e6:6.1f} us per model-step, vs textbook {per['textbook'] / per[name]:5.1f}x, "
+              f"vs preloaded {per['preloaded'] / per[name]:5.1f}x (CPU time: {per_cpu[name] / steps / K * 1e6:6.1f} us "
+              f"per model-step, {per_cpu['textbook'] / per_cpu[name]:5.1f}x, {per_cpu['preloaded'] / per_cpu[name]:5.1f}x)")
     for o in PROTOCOL_LRS:
         print(f"fused step, {o:>8}: {med[f'fused-{o}'] / steps * 1e6:7.1f} us per step of {K} models "
               f"(CPU time {med_cpu.get(f'fused-{o}', med_cpu['fused']) / steps * 1e6:7.1f} us)")
@@ -198,6 +261,9 @@ def main(cfg):
                       "environment": environment(), "load_average": load_avg, "seconds_per_epoch_median": med,
                       "cpu_seconds_per_epoch_median": med_cpu,
                       "us_per_step": {k: v / steps * 1e6 for k, v in med.items() if k != "teleport"},
+                      "us_per_model_step": {k: v / steps / K * 1e6 for k, v in per.items()},
+                      "speedup_vs_textbook": {k: per["textbook"] / v for k, v in per.items()},
+                      "speedup_vs_preloaded": {k: per["preloaded"] / v for k, v in per.items()},
                       "protocol_estimate_s_50k": {f"{a} arms": v for a, v in est.items()},
                       "protocol_estimate_cpu_s_50k": {f"{a} arms": v for a, v in est_cpu.items()},
                       "epoch_losses": {k: v for k, v in losses.items() if k != "teleport"}, "max_loss_gap": gap})
