@@ -6,7 +6,7 @@ and/or "m2" (teleport) to a MetaLSTM.
 
 Two ways to the meta-gradient, the same algorithm (equal to rounding, tested in float64):
 BACKPROP='autograd' runs `update` (the MetaLSTM modules, lib's GLAction) under torch autograd, the
-reference; BACKPROP='manual' (the default; 2.4-3.0x faster per trajectory than a textbook
+reference; BACKPROP='manual' (the default; 2.9-3.2x faster per trajectory than a textbook
 implementation on a shared CPU, benchmarks/bench_learn_to_teleport.py) runs `Unroll`: the LSTM steps
 (the LSTMs of a method as one `LSTMGroup`) and the eq. (54) teleports without a graph, then the
 back-propagation through the unroll written out. It rests on one fact of Algorithm 1: the gradients
@@ -17,27 +17,39 @@ through the LSTMs layer by layer, top down: only the recurrent products with W_h
 the heads' and each layer's input products and the weight gradients are one matrix product over all
 steps of the unroll. The data's X^+ is computed once per trajectory (GLAction recomputes it every
 step), g^-1 is the Neumann series to below rounding (`series_order`), the 20 x 20 products are
-torch.bmm (torch.matmul's dispatch costs ~4 us more a product) and Adam is torch's fused one. What
-is left is memory traffic: a step streams the LSTMs' 4.4M weights (17.6 MB in float32) through the
-forward products (at 0.36 ms a step when they stay in the CPU's cache; the first steps after an Adam
-step, which streams 7 x 17.6 MB, take 2-3x that) and 2 x 1.4 MB of W_hh back; the weight gradients
-are 88 MFLOP an unroll; the ~100 small kernels of a step are about a fifth of the time.
+torch.bmm (torch.matmul's dispatch costs ~4 us more a product), the input and head weights are
+stored transposed (MetaLSTM: the one-row products read that layout ~25% faster) and Adam is torch's
+fused one, fed contiguous tensors (MetaAdam). What is left is memory traffic: a step streams the
+LSTMs' 4.4M weights (17.6 MB in float32) through the forward products (~0.48 ms a step when they
+stay in the CPU's cache; the first steps after an Adam step, which streams 7 x 17.6 MB, take up to
+2.4x that) and 2 x 1.4 MB of W_hh back; the weight gradients are 88 MFLOP an unroll; the ~100 small
+kernels of a step are about a fifth of the time.
 """
 import time
 
 import torch
 from torch import nn
+from torch.optim.adam import adam  # the functional update torch.optim.Adam runs
 from tqdm import tqdm
 
 from lib.actions import GLAction
 from lib.models import loss_and_grads, loss_fn
 
 
+def transposed_layout(w):
+    """w (out, in) with the same values stored as its transpose (w.T contiguous): the layout in
+    which a one-row product x w^T runs fastest (about 25% faster than w's own layout for the
+    LSTMs' 1200 x 800 input weights when they stream from the CPU's cache)."""
+    return w.T.contiguous().T
+
+
 class MetaLSTM(nn.Module):
     """Two stacked torch.nn.LSTMCell over the whole flattened gradient (800 numbers as one
     input vector; one time step per optimizer step), with linear heads, as the authors' lstm.py:
     a coordinate-wise LSTM would cost ~800x more per step on a CPU. (LSTMCell, not nn.LSTM: on a
-    CPU nn.LSTM's one-step mkldnn backward is ~5x slower.)
+    CPU nn.LSTM's one-step mkldnn backward is ~5x slower.) The input weights and the heads'
+    weights are stored transposed (transposed_layout; the same parameters and values): the
+    products read them once per step, the recurrent weights are read in both directions.
     x: (K, n_in) -> {head: (K, out)}; state (h, c): (2, K, hidden) each."""
 
     def __init__(self, n_in, hidden, heads):
@@ -45,6 +57,8 @@ class MetaLSTM(nn.Module):
         self.hidden = hidden
         self.cells = nn.ModuleList([nn.LSTMCell(n_in, hidden), nn.LSTMCell(hidden, hidden)])
         self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in heads.items()})
+        for m, name in [(c, "weight_ih") for c in self.cells] + [(h, "weight") for h in self.heads.values()]:
+            setattr(m, name, nn.Parameter(transposed_layout(getattr(m, name).detach())))
 
     def forward(self, x, state):
         new = []
@@ -210,13 +224,23 @@ class LSTMGroup:
 
 def set_grad(p, a, b=None):
     """p.grad = a @ b (or a summed over its columns), written into the .grad of the previous
-    unroll when there is one: a fresh 17.6 MB of gradients every unroll costs page faults."""
-    if p.grad is None:
-        p.grad = a @ b if b is not None else a.sum(1)
-    elif b is not None:
-        torch.mm(a, b, out=p.grad)
+    unroll when there is one: a fresh 17.6 MB of gradients every unroll costs page faults. The
+    gradient takes p's layout (a transposed one: MetaLSTM): torch's fused Adam reads parameter
+    and gradient as flat arrays alike, so a gradient in another layout would update wrong entries."""
+    if b is None:
+        if p.grad is None:
+            p.grad = a.sum(1)
+        else:
+            torch.sum(a, 1, out=p.grad)
+    elif p.is_contiguous():
+        if p.grad is None:
+            p.grad = a @ b
+        else:
+            torch.mm(a, b, out=p.grad)
+    elif p.grad is None:
+        p.grad = (b.T @ a.T).T
     else:
-        torch.sum(a, 1, out=p.grad)
+        torch.mm(b.T, a.T, out=p.grad.T)
 
 
 def series_order(tau, dtype):
@@ -354,11 +378,43 @@ def regression_loss_and_grads(W, X, Y, act):
     return losses, [torch.bmm(torch.bmm(delta, W[1]).mul_(m).mT, X), torch.bmm(delta.mT, h)]
 
 
+class MetaAdam(torch.optim.Adam):
+    """torch.optim.Adam(fused=True) whose step hands torch's fused kernel every tensor in the layout
+    it is stored in: a transposed-layout weight (MetaLSTM), its gradient (set_grad) and its moments
+    as their contiguous transposes (the kernel runs ~2.3x slower on non-contiguous tensors), the
+    groups and tensors in reverse order. The same update (torch.optim.adam.adam, fused), state and
+    state_dict as torch.optim.Adam."""
+
+    def __init__(self, groups):
+        super().__init__(groups, fused=True)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups[::-1]:
+            if group["amsgrad"]:
+                raise ValueError("MetaAdam: no amsgrad")
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in (p for p in group["params"] if p.grad is not None):
+                st = self.state[p]
+                if not st:  # as torch.optim.Adam(fused=True) initialises it
+                    st.update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                              exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                flip = (lambda t: t) if p.is_contiguous() else (lambda t: t.T)  # noqa: E731
+                for out, t in zip((params, grads, exp_avgs, exp_avg_sqs), (p, p.grad, st["exp_avg"], st["exp_avg_sq"])):
+                    out.append(flip(t))
+                steps.append(st["step"])
+            (b1, b2), wd = group["betas"], group["weight_decay"]
+            # last, the weights the next unroll's first step reads first: they are still in the cache (~3% faster)
+            params, grads, exp_avgs, exp_avg_sqs, steps = (x[::-1] for x in (params, grads, exp_avgs, exp_avg_sqs, steps))
+            adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False, beta1=b1,
+                 beta2=b2, lr=group["lr"], weight_decay=wd, eps=group["eps"], maximize=group["maximize"])
+
+
 def meta_adam(nets, cfg):
     """torch.optim.Adam over the LSTMs, lr M1_LR for m1 and M2_LR for m2 (Adam acts per
-    parameter: as one Adam per LSTM); fused with BACKPROP='manual'."""
-    return torch.optim.Adam([{"params": net.parameters(), "lr": cfg["M1_LR"] if k == "m1" else cfg["M2_LR"]}
-                             for k, net in nets.items()], fused=cfg["BACKPROP"] == "manual" or None)
+    parameter: as one Adam per LSTM); fused with BACKPROP='manual' (MetaAdam)."""
+    groups = [{"params": net.parameters(), "lr": cfg["M1_LR"] if k == "m1" else cfg["M2_LR"]} for k, net in nets.items()]
+    return MetaAdam(groups) if cfg["BACKPROP"] == "manual" else torch.optim.Adam(groups)
 
 
 def trajectory(method, nets, opt, W, X, Y, act, cfg):

@@ -386,16 +386,17 @@ def _meta_gradients(method, backprop, *args):
         with torch.no_grad():
             nets["m2"].heads["eta"].bias.fill_(1.0)
     names = {p: f"{k}.{n}" for k, net in nets.items() for n, p in net.named_parameters()}
-    real = torch.optim.Adam.step
+    cls = meta.MetaAdam if backprop == "manual" else torch.optim.Adam  # the optimizer class meta_adam makes
+    real = cls.step
 
     def step(opt, *a, **kw):
         seen.append({names[p]: p.grad.clone() for g in opt.param_groups for p in g["params"]})
         return real(opt, *a, **kw)
-    torch.optim.Adam.step = step
+    cls.step = step
     try:
         hist = _train(method, nets, cfg, [cfg["TRAIN_SEED"] + i for i in range(4)])
     finally:
-        torch.optim.Adam.step = real
+        cls.step = real
     return seen, hist
 
 
@@ -481,3 +482,44 @@ def test_test_curves_of_the_fast_steps_equal_update(method):
     torch.testing.assert_close(torch.tensor(fast["loss"]), torch.tensor(ref["loss"]), rtol=1e-10, atol=0)
     torch.testing.assert_close(torch.tensor(fast["step_size"]), torch.tensor(ref["step_size"]), rtol=1e-10, atol=0)
     assert fast["loss"][0][-1] != fast["loss"][0][0]
+
+
+def test_meta_lstm_keeps_torch_s_init_in_the_transposed_layout():
+    # MetaLSTM stores its input and head weights transposed (transposed_layout): the same values
+    # as torch's own LSTMCell / Linear init from the same seed, and the same outputs
+    torch.manual_seed(3)
+    net = meta.MetaLSTM(12, 7, {"f": 5})
+    torch.manual_seed(3)
+    cells, head = [torch.nn.LSTMCell(12, 7), torch.nn.LSTMCell(7, 7)], torch.nn.Linear(7, 5)
+    for c, ref in zip(net.cells, cells):
+        assert not c.weight_ih.is_contiguous() and c.weight_ih.T.is_contiguous() and c.weight_hh.is_contiguous()
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            assert torch.equal(getattr(c, name), getattr(ref, name)), name
+    assert torch.equal(net.heads["f"].weight, head.weight) and net.heads["f"].weight.T.is_contiguous()
+
+
+def test_meta_adam_is_torch_s_fused_adam_on_the_transposed_layout():
+    # BACKPROP='manual': set_grad writes each gradient in its parameter's layout and MetaAdam hands
+    # the fused kernel the contiguous transposes; against torch.optim.Adam(fused=True) on plain
+    # contiguous copies with the same gradients a @ b: the same parameters and moments to rounding
+    # (the gradient of a transposed weight is b^T a^T, summed in another order; a gradient in the
+    # wrong layout, or the kernel fed mismatched layouts, moves the wrong entries: O(1) errors)
+    gen = torch.Generator().manual_seed(0)
+    net = meta.MetaLSTM(12, 7, {"f": 5}).double()
+    ref = [torch.nn.Parameter(p.detach().contiguous().clone()) for p in net.parameters()]
+    opt = meta.meta_adam({"m1": net}, {"M1_LR": 1e-2, "M2_LR": 1e-3, "BACKPROP": "manual"})
+    opt_ref = torch.optim.Adam(ref, lr=1e-2, fused=True)
+    for _ in range(3):
+        for p, q in zip(net.parameters(), ref):
+            a = torch.randn(p.shape[0], 4, generator=gen, dtype=torch.float64)
+            b = torch.randn(4, p.shape[1], generator=gen, dtype=torch.float64) if p.dim() == 2 else None
+            meta.set_grad(p, a, b)
+            q.grad = a @ b if b is not None else a.sum(1)
+        opt.step()
+        opt_ref.step()
+    assert any(not p.is_contiguous() for p in net.parameters())
+    for p, q in zip(net.parameters(), ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-13, atol=1e-15)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt.state[p][k], opt_ref.state[q][k], rtol=1e-12, atol=1e-15, msg=k)
+    assert opt.state_dict()["state"].keys() == opt_ref.state_dict()["state"].keys()
