@@ -101,7 +101,7 @@ def _mlp_batch():
 def test_closed_form_ascent_equals_autograd_through_the_action(leaky):
     W, X, Y = _mlp_batch()
     obj, grads = _ascent(make_objective("grad_norm", leaky), GLAction(46), W, X, Y, leaky)
-    res = grad_norm_ascent(W, forward(W[:1], X, leaky), X @ X.T, Y, leaky, "ce", [0, 1])
+    res = grad_norm_ascent(W, forward(W[:1], X, leaky).mT, X @ X.T, Y, leaky, "ce", [0, 1])  # columns
     assert torch.allclose(obj, res[0], rtol=1e-12)
     for a, b in zip(grads, res[1]):
         assert (a - b).norm() <= 1e-10 * a.norm() and a.norm() > 0
@@ -114,8 +114,8 @@ def test_closed_form_ascent_equals_autograd_through_the_action(leaky):
 def test_chain_rule_ascent_gradient_equals_autograd_through_the_action(leaky):
     W, X, Y = _mlp_batch()
     obj, grads = _ascent(make_objective("grad_norm", leaky), GLAction(46), W, X, Y, leaky)
-    Zs = _preacts(forward(W[:1], X, leaky), W[1:], leaky)
-    Aps = [_solve_pinv(leaky(z).mT)[0] for z in Zs]
+    Zs = _preacts(forward(W[:1], X, leaky).mT, W[1:], leaky)  # pre-activations in columns (K, n, B)
+    Aps = [_solve_pinv(leaky(z))[0] for z in Zs]
     value, fast = _ascent_grads(Zs[0], W[1:], Zs, Aps, X @ X.T, Y, leaky, "ce", [0, 1])
     assert torch.allclose(obj, value, rtol=1e-12)
     for a, b in zip(grads, fast):
@@ -186,7 +186,7 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_compiled_teleport_ascent_equals_eager(leaky):
     W, X, Y = _mlp_batch()
-    args = (W, forward(W[:1], X, leaky), X @ X.T, Y, leaky, "ce", [0, 1])
+    args = (W, forward(W[:1], X, leaky).mT, X @ X.T, Y, leaky, "ce", [0, 1])
     eager, compiled = grad_norm_ascent(*args), grad_norm_ascent(*args, compile=True)
     assert torch.allclose(eager[0], compiled[0], rtol=1e-12)
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(eager[1], compiled[1]))
