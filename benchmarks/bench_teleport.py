@@ -8,10 +8,11 @@ the 784-16-10-10 MLP), several ways in one run, interleaved, after one untimed r
   generic   lib.teleport.teleport's general path (all models at once, autograd through
             lib.actions.GLAction(46) and pinv): what teleport_optimization.py ran before;
   fast      lib.teleport.teleport's fast path: the ascent gradient in closed form at T = 0 (the chain
-            rule through eq. (46)'s linear maps from one backward of ||grad L||^2 in (X W_1^T, W_2,
+            rule through eq. (46)'s linear maps from one backward of ||grad L||^2 in (W_1 X^T, W_2,
             W_3); no autograd through a pseudo-inverse, X X^T instead of the 784-wide input),
             sigma(z)^+ = A^T (A A^T)^-1 from a float64 Cholesky factor (pinv_rows), all steps of a
-            teleport without a host sync, W_1 moved once at the end;
+            teleport without a host sync, W_1 moved once at the end, pre-activations in the paper's
+            column form (units x batch: the small products' outputs are 200 wide);
   compiled  the fast path with each whole step (ascent, stop rule, move) one torch.compile graph
             (COMPILE).
 
