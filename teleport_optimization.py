@@ -11,7 +11,7 @@ Protocol: 784-16-10-10 MLP, LeakyReLU(0.1), batches of 20, 5 seeds, 40 epochs; t
 epoch, then resets the optimizer (the authors' per-optimizer lr, epoch and step size: PRESETS).
 Runtime: 40-90 s on one thread of a 2-core CPU at load 1-4 (much of it compiling the training and
 teleport steps, before the clocks start), bundled 4,000-image MNIST; --quick 15 s. An arm's 40 epochs take
-1.0-1.3 s, the 8 teleports 0.09-0.10 s of it (3-4 epochs of 4,000 images here; Figure 13 per wall time).
+1.0-1.3 s, the 8 teleports 0.06-0.08 s of it (2-3 epochs of 4,000 images here; Figure 13 per wall time).
 Headline: the teleport arm's training loss is below the baseline's at epochs 1-5 (AdaGrad: 3-5).
 Controls: AdaGrad's gain is the optimizer reset (reset-only reaches 106% of it); momentum's and
 Adam's is the optimised move (reset-only and random-teleport: -7% to -1%), RMSProp's mostly (13%, 18%).
