@@ -207,6 +207,18 @@ def state_path(cfg, method):
     return os.path.join(cfg["OUT_DIR"], "results", f"meta_opt_{method}.pt")
 
 
+def breakdown(final_loss, block=100, factor=10):
+    """A meta-training that broke down late: (best, last) medians of the trajectories' final losses
+    over blocks of `block` trajectories, if the last block's is `factor` times the best block's or
+    more (the saved LSTMs are then the broken ones: it happens, Figure 6 in the README), else None."""
+    f = np.asarray(final_loss, dtype=float)
+    if len(f) < 2 * block:
+        return None
+    best = min(np.nanmedian(f[i:i + block]) for i in range(0, len(f) - block + 1, block))
+    last = np.nanmedian(f[-block:])
+    return (float(best), float(last)) if last >= factor * best else None
+
+
 def run_method(m, cfg, act, ckpt, loaded, training):
     """One method as a unit of the run: its LSTMs meta-trained (_meta.train) or loaded with
     --test-only, then tested; for LSTM(update,tele) also the control with its teleport off."""
@@ -220,6 +232,11 @@ def run_method(m, cfg, act, ckpt, loaded, training):
         unit["nets"] = flat_state(nets)
         print(f"{LABELS[m]}: {len(seeds)} trajectories in {h['time_s']:.0f} s, non-finite unrolls {len(h['diverged'])}",
               flush=True)
+    broke = unit["training"] and breakdown(unit["training"]["final_loss"])
+    if broke:
+        print(f"warning: {LABELS[m]}'s meta-training broke down late: the median final loss of its last 100 "
+              f"trajectories is {broke[1]:.3g}, {broke[1] / broke[0]:.0f}x that of its best 100 ({broke[0]:.3g}); "
+              f"its saved LSTMs are the broken ones", file=sys.stderr, flush=True)
     unit["curves"][m] = test(m, nets, cfg, act, test_seeds)
     if m == "update_tele":
         unit["curves"][CONTROL] = test("update", {"m1": nets["m1"]}, cfg, act, test_seeds)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -523,3 +524,24 @@ def test_meta_adam_is_torch_s_fused_adam_on_the_transposed_layout():
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(opt.state[p][k], opt_ref.state[q][k], rtol=1e-12, atol=1e-15, msg=k)
     assert opt.state_dict()["state"].keys() == opt_ref.state_dict()["state"].keys()
+
+
+def test_a_late_breakdown_of_the_meta_training_is_flagged():
+    # breakdown(): the median final loss of the last 100 trajectories against the best 100's. A
+    # falling curve, or one with isolated spikes, is not flagged; one that rises tenfold at the end is.
+    # On the committed runs: the default run's LSTM(update,tele) broke down (README, Figure 6),
+    # its LSTM(update) and the committed replicates did not
+    falling = 1e4 * 0.99 ** np.arange(700)
+    spiky = falling.copy()
+    spiky[650::10] = 1e6
+    risen = np.concatenate([falling[:630], np.geomspace(20, 1e7, 70)])
+    assert mlr.breakdown(falling) is None and mlr.breakdown(spiky) is None and mlr.breakdown(falling[:150]) is None
+    best, last = mlr.breakdown(risen)
+    assert best == pytest.approx(np.median(falling[500:600])) and last == pytest.approx(np.median(risen[-100:]))
+    res = json.load(open(COMMITTED_JSON))
+    assert mlr.breakdown(res["training"]["update_tele"]["final_loss"]) is not None
+    assert mlr.breakdown(res["training"]["update"]["final_loss"]) is None
+    folder = os.path.join(os.path.dirname(COMMITTED_JSON), "replicates")
+    for f in os.listdir(folder):
+        rep = json.load(open(os.path.join(folder, f)))
+        assert all(mlr.breakdown(h["final_loss"]) is None for h in rep["training"].values() if h), f
