@@ -30,7 +30,7 @@ from lib.actions import GLAction
 from lib.arms import Arm, ArmHook, Moments
 from lib.config import UsageError, check_choice, check_positive, run, with_preset
 from lib.data import load
-from lib.io import check_replace_set, environment, load_set, save_set, saved_config
+from lib.io import check_replace_set, environment, run_set, saved_config
 from lib.models import Activation
 from lib.plots import loss_panels, save_figure
 from lib.progress import Checkpoint
@@ -300,18 +300,7 @@ def main(cfg):
     names = check(cfg)
     if torch.device(cfg["DEVICE"]).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # a 784-16-10-10 MLP at batch 20 is launch-bound: 1 thread is fastest
-    tag, plot_only = cfg["DATASET"], cfg["PLOT_ONLY"]
-    path = lambda name: os.path.join(cfg["OUT_DIR"], "results", "optimization", f"{tag}_{name}.json")  # noqa: E731
-    if plot_only:  # the tables use the config the results were made with
-        saved, run_cfg = load_set(path, cfg["OPTIMIZERS_RUN"])
-    else:
-        (saved, ckpt), run_cfg = train_all(cfg, names, path), saved_config(cfg)
-    arms = {opt: s["arms"] for opt, s in saved.items()}
-    save_set(cfg["OUT_DIR"], "optimization", tag, saved, draw, lambda: summary(run_cfg, arms), run_cfg,
-             write=not plot_only)  # the outputs replace the previous set only when all are written
-    if not plot_only:
-        ckpt.finish()
-    return arms
+    return run_set(cfg, "optimization", lambda path: train_all(cfg, names, path), draw, summary)
 
 
 if __name__ == "__main__":

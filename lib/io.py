@@ -197,6 +197,27 @@ def save_set(root, experiment, tag, saved, plot, summarize, run_cfg, write=True)
     return fields
 
 
+def run_set(cfg, experiment, train_all, plot, summarize):
+    """The main() of a script with one results file per optimizer under results/<experiment>/
+    (teleport_optimization, teleport_cnn): train_all(path) -> (records {optimizer: record},
+    lib.progress.Checkpoint), or with PLOT_ONLY the saved records (load_set); then save_set (the
+    previous outputs replaced only when all new ones are written; figures only with PLOT_ONLY),
+    summarize(run config, {optimizer: arms}) -> (md, fields), and the checkpoint finished.
+    Returns {optimizer: arms}."""
+    tag, plot_only = cfg["DATASET"], cfg["PLOT_ONLY"]
+    path = lambda name: os.path.join(cfg["OUT_DIR"], "results", experiment, f"{tag}_{name}.json")  # noqa: E731
+    if plot_only:  # the tables use the config the results were made with
+        saved, run_cfg = load_set(path, cfg["OPTIMIZERS_RUN"])
+    else:
+        (saved, ckpt), run_cfg = train_all(path), saved_config(cfg)
+    arms = {opt: s["arms"] for opt, s in saved.items()}
+    save_set(cfg["OUT_DIR"], experiment, tag, saved, plot, lambda: summarize(run_cfg, arms), run_cfg,
+             write=not plot_only)
+    if not plot_only:
+        ckpt.finish()
+    return arms
+
+
 def check_replace(path, cfg, ignore=(), data=None):
     """Refuse (one line) to replace a results file made with other settings, unless REPLACE:
     only a run of the same protocol replaces saved results. Plumbing settings (and `ignore`:

@@ -44,3 +44,14 @@ def usage_error(capsys, module, argv):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+def interrupted(capsys, module, argv):
+    """Run a script (its main through lib.config.run, with argv) that a test interrupts with
+    Ctrl-C (KeyboardInterrupt raised inside it): status 130. Returns what it wrote to stderr."""
+    from lib.config import run
+    with pytest.raises(SystemExit) as exc:
+        run(module.main, vars(module), argv=argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 130, err
+    return err

@@ -19,7 +19,8 @@ IDS = [os.path.relpath(p, ROOT) for p in SCRIPTS]
 
 
 # settings that a lib function reads from the config the script hands it
-LIB_READERS = {"REPLACE": ("check_replace", "check_replace_set"), "CHECKPOINT_S": ("Checkpoint",)}
+LIB_READERS = {"REPLACE": ("check_replace", "check_replace_set"), "CHECKPOINT_S": ("Checkpoint",),
+               **{k: ("run_set",) for k in ("DATASET", "OUT_DIR", "PLOT_ONLY", "OPTIMIZERS_RUN")}}
 
 
 def load_script(path):

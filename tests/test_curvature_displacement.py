@@ -11,8 +11,9 @@ from scipy.integrate import quad
 from scipy.optimize import minimize_scalar
 
 import curvature_displacement as cd
-from lib.config import UsageError, resolve, run
+from lib.config import UsageError, resolve
 from lib.io import check_replace, load_json, relative
+from conftest import interrupted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "results", "curvature", "displacement.json")
@@ -142,8 +143,6 @@ def test_ctrl_c_is_one_line_and_keeps_the_previous_set(tmp_path, monkeypatch, ca
         raise KeyboardInterrupt
     monkeypatch.setattr(cd, "plot", interrupt)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run(cd.main, vars(cd), SMALL + [f"--out-dir={tmp_path}"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 130 and "\n" not in err and err.startswith("interrupted:") and "unchanged" in err
+    err = interrupted(capsys, cd, SMALL + [f"--out-dir={tmp_path}"]).strip()
+    assert "\n" not in err and err.startswith("interrupted:") and "unchanged" in err
     assert snapshot(tmp_path) == before and not list(tmp_path.glob(".staging-*"))

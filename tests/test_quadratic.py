@@ -16,6 +16,7 @@ from lib.config import UsageError, resolve, run, with_preset
 from lib.quadratic import (FUNCTIONS, descend, grad, hessian, loss, max_grad_norm_sq, newton_check, optimal_angle,
                            optimality_ratio, so2_action, steps_to, teleport, teleport_angle, wrap_half_turn)
 from lib.io import check_replace, load_json
+from conftest import interrupted
 
 T = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
 NAMES = list(FUNCTIONS)
@@ -251,10 +252,8 @@ def test_ctrl_c_is_one_line_and_keeps_the_previous_set(quick, tmp_path, monkeypa
             raise KeyboardInterrupt
         plot_curves(q, *args)
     monkeypatch.setattr(tq, "plot_curves", interrupt_at_booth)
-    with pytest.raises(SystemExit) as e:
-        run(tq.main, vars(tq), ["--quick", f"--out-dir={tmp_path}"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 130 and "\n" not in err and err.startswith("interrupted:") and "unchanged" in err
+    err = interrupted(capsys, tq, ["--quick", f"--out-dir={tmp_path}"]).strip()
+    assert "\n" not in err and err.startswith("interrupted:") and "unchanged" in err
     assert snapshot(tmp_path) == before and not list(tmp_path.glob(".staging-*"))
 
 

@@ -20,7 +20,7 @@ from lib.optim import make_optimizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import teleport_cnn as script  # noqa: E402
-from conftest import usage_error  # noqa: E402
+from conftest import interrupted, usage_error  # noqa: E402
 
 TINY = ["--epochs=2", "--n-runs=2", "--batch-size=32", "--tele-batch-size=16", "--tele-steps=2",
         "--tele-epochs=[0,1]", "--tele-batches=1", "--report-epochs=[1,2]", "--progress=False"]
@@ -193,10 +193,8 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, capsys, monkeypat
         return evaluate(*a)
     monkeypatch.setattr(script, "evaluate", stop)
     try:
-        with pytest.raises(SystemExit) as exc:
-            run(script.main, vars(script), argv=args)
-        err = capsys.readouterr().err
-        assert exc.value.code == 130 and "progress saved (adam seed 1 teleport, epoch 1 of 2)" in err.splitlines()[-1]
+        err = interrupted(capsys, script, args)
+        assert "progress saved (adam seed 1 teleport, epoch 1 of 2)" in err.splitlines()[-1]
         assert _files(out) == previous and not list(out.glob(".staging-*"))
         monkeypatch.setattr(script, "evaluate", evaluate)
         built, make = [], script.make_cnn

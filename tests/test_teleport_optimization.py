@@ -20,7 +20,7 @@ from lib.progress import Checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import teleport_optimization as script  # noqa: E402
-from conftest import usage_error  # noqa: E402
+from conftest import interrupted, usage_error  # noqa: E402
 
 
 def _cfg(tmp_path, **kw):
@@ -250,10 +250,8 @@ def test_interrupted_run_resumes_to_the_same_numbers_and_keeps_the_previous_outp
             super().__call__(epoch, i)
     monkeypatch.setattr(script, "ArmHook", StopInAdamTeleport)
     try:
-        with pytest.raises(SystemExit) as exc:
-            run(script.main, vars(script), argv=args + [f"--out-dir={out}"])
-        err = capsys.readouterr().err
-        assert exc.value.code == 130 and "progress saved (adam teleport, epoch 2 of 3)" in err.splitlines()[-1]
+        err = interrupted(capsys, script, args + [f"--out-dir={out}"])
+        assert "progress saved (adam teleport, epoch 2 of 3)" in err.splitlines()[-1]
         assert _files(out) == previous and not list(out.glob(".staging-*"))
         monkeypatch.setattr(script, "ArmHook", script.ArmHook.__mro__[1])
         built, make = [], script.make_model

@@ -18,6 +18,7 @@ from lib.models import activation, forward
 from lib.progress import PLUMBING
 from lib.teleport import make_objective
 from lib.train import fit, make_model
+from conftest import interrupted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -307,10 +308,8 @@ def test_interrupted_run_resumes_to_the_same_numbers_and_keeps_the_previous_set(
             super().__call__(epoch, i)
     monkeypatch.setattr(script, "ArmHook", StopInAdagradGL46)
     try:
-        with pytest.raises(SystemExit) as e:
-            run(script.main, vars(script), argv=argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 130 and "progress saved (relu adagrad gl46, epoch 2 of 3)" in err.splitlines()[-1]
+        err = interrupted(capsys, script, argv)
+        assert "progress saved (relu adagrad gl46, epoch 2 of 3)" in err.splitlines()[-1]
         assert _files(tmp_path) == previous and not list(tmp_path.glob(".staging-*"))
         monkeypatch.setattr(script, "ArmHook", ArmHook)
         built, make = [], script.make_model

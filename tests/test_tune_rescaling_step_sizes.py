@@ -15,6 +15,7 @@ import teleport_relu_rescaling as rescaling
 import tune_rescaling_step_sizes as script
 from lib.config import fenced_settings, resolve, run
 from lib.data import write_fake
+from conftest import interrupted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = sorted(glob.glob(os.path.join(ROOT, "results", "rescaling", "*_stepsize_sweep_*.json")))
@@ -96,9 +97,7 @@ def test_an_interrupted_sweep_resumes_to_the_same_rows(tiny_sweep, data_root, tm
             super().__call__(epoch, i)
     monkeypatch.setattr(rescaling, "ArmHook", StopInThirdRun)
     try:
-        with pytest.raises(SystemExit) as e:
-            run(script.main, vars(script), argv=argv)
-        assert e.value.code == 130 and "(tune gl46 0.01 leaky_relu sgd done)" in capsys.readouterr().err
+        assert "(tune gl46 0.01 leaky_relu sgd done)" in interrupted(capsys, script, argv)
         assert not (tmp_path / "results").exists()
         monkeypatch.setattr(rescaling, "ArmHook", StopInThirdRun.__mro__[1])
         built, make = [], rescaling.make_model
